@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv and installs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# pytest-xdist: the concurrency tests mostly wait on each other, so two per core pays.
+TEST_WORKERS ?= 4
+
+.PHONY: demo test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) scripts/demo.py --workers 8
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,47 @@
+"""Make ``alembic upgrade head`` safe to run from every worker at once, on SQLite.
+
+In env.py::
+
+    from alembic import context
+    from alembic_sqlite_lock import run_migrations
+
+    run_migrations(context, target_metadata)
+
+At app start-up::
+
+    import alembic_sqlite_lock
+
+    alembic_sqlite_lock.upgrade("alembic.ini")
+"""
+
+import logging
+
+from ._commands import downgrade, stamp, upgrade
+from ._env import run_migrations
+from ._errors import (
+    ConfigurationError,
+    LockTimeout,
+    MigrationError,
+    MigrationLockError,
+    RollbackFailed,
+)
+from ._retry import RetryPolicy
+from ._version import __version__
+
+__all__ = [
+    "ConfigurationError",
+    "LockTimeout",
+    "MigrationError",
+    "MigrationLockError",
+    "RetryPolicy",
+    "RollbackFailed",
+    "__version__",
+    "downgrade",
+    "run_migrations",
+    "stamp",
+    "upgrade",
+]
+
+# A library never configures logging; the NullHandler keeps Python from printing
+# "No handlers could be found" style fallbacks when the app configured none.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,180 @@
+"""``upgrade()``, ``downgrade()`` and ``stamp()``: Alembic's commands for app start-up.
+
+They mirror ``alembic.command`` line for line, with two additions:
+
+* a process-wide mutex: Alembic's ``context`` and ``op`` are module-level proxies, so
+  two threads running commands at once would trample each other's state;
+* a guard around the command's work function: if env.py runs migrations without
+  ``alembic_sqlite_lock.run_migrations`` (Alembic's stock boilerplate), no lock was
+  taken, and the guard stops the run before a single migration executes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+
+from ._env import STATE_KEY, RunState, StepsFn
+from ._errors import ConfigurationError
+from ._settings import SETTINGS_KEY, resolve_policy
+
+_PROCESS_MUTEX = threading.RLock()
+"""Serializes commands between the threads of one process (see the module docstring)."""
+
+ConfigLike = Config | str | os.PathLike[str]
+
+
+def upgrade(
+    config: ConfigLike,
+    revision: str = "head",
+    *,
+    sql: bool = False,
+    tag: str | None = None,
+    **settings: Any,
+) -> list[str]:
+    """Upgrade to ``revision`` under the migration lock; safe from every worker at once.
+
+    ``config`` is an ``alembic.config.Config`` or the path of an alembic.ini.
+    ``settings`` are :class:`RetryPolicy` fields (``deadline_s=300``...). Returns the
+    revisions this call applied (empty when another worker had done the work).
+    """
+    cfg = _as_config(config)
+    script = ScriptDirectory.from_config(cfg)
+    starting_rev = None
+    if ":" in revision:
+        if not sql:
+            raise CommandError("Range revision not allowed")
+        starting_rev, revision = revision.split(":", 2)
+
+    def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
+        # alembic.command passes the heads tuple here too, despite the annotation.
+        return script._upgrade_revs(revision, heads)  # type: ignore[arg-type]
+
+    return _run(cfg, script, steps, settings, as_sql=sql, starting_rev=starting_rev,
+                destination_rev=revision, tag=tag)
+
+
+def downgrade(
+    config: ConfigLike,
+    revision: str,
+    *,
+    sql: bool = False,
+    tag: str | None = None,
+    **settings: Any,
+) -> list[str]:
+    """Downgrade to ``revision`` under the migration lock. Returns the reverted revisions."""
+    cfg = _as_config(config)
+    script = ScriptDirectory.from_config(cfg)
+    starting_rev = None
+    if ":" in revision:
+        if not sql:
+            raise CommandError("Range revision not allowed")
+        starting_rev, revision = revision.split(":", 2)
+    elif sql:
+        raise CommandError("downgrade with --sql requires <fromrev>:<torev>")
+
+    def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
+        return script._downgrade_revs(revision, heads)  # type: ignore[arg-type]
+
+    return _run(cfg, script, steps, settings, as_sql=sql, starting_rev=starting_rev,
+                destination_rev=revision, tag=tag)
+
+
+def stamp(
+    config: ConfigLike,
+    revision: str | Sequence[str],
+    *,
+    sql: bool = False,
+    tag: str | None = None,
+    purge: bool = False,
+    **settings: Any,
+) -> list[str]:
+    """Set the version table to ``revision`` without running migrations, under the lock."""
+    cfg = _as_config(config)
+    script = ScriptDirectory.from_config(cfg)
+    revisions = [revision] if isinstance(revision, str) else list(revision)
+    starting_rev = None
+    destinations = []
+    for item in revisions:
+        destination = item
+        if sql and ":" in item:
+            source, destination = item.split(":", 2)
+            if starting_rev not in (None, source):
+                raise CommandError(
+                    "Stamp operation with --sql only supports a single starting revision "
+                    "at a time"
+                )
+            starting_rev = source
+        destinations.append(destination)
+
+    def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
+        return script._stamp_revs(tuple(destinations), heads)
+
+    return _run(cfg, script, steps, settings, as_sql=sql, starting_rev=starting_rev,
+                destination_rev=tuple(destinations), tag=tag, purge=purge)
+
+
+def _as_config(config: ConfigLike) -> Config:
+    if isinstance(config, Config):
+        return config
+    path = os.fspath(config)
+    if not os.path.isfile(path):
+        msg = (
+            f"No Alembic configuration file at {os.path.abspath(path)}. Pass the path of "
+            "your alembic.ini (or an alembic.config.Config)."
+        )
+        raise ConfigurationError(msg)
+    return Config(path)
+
+
+def _run(
+    config: Config,
+    script: ScriptDirectory,
+    steps: StepsFn,
+    settings: dict[str, Any],
+    **opts: Any,
+) -> list[str]:
+    resolve_policy(config, settings)  # bad settings fail here, before env.py runs
+    state = RunState()
+
+    def guarded(heads: tuple[str, ...], context: MigrationContext) -> Iterable[Any]:
+        if not state.inside:
+            raise _unprotected(script)
+        return steps(heads, context)
+
+    with _PROCESS_MUTEX:
+        saved = {key: config.attributes.get(key) for key in (SETTINGS_KEY, STATE_KEY)}
+        config.attributes[SETTINGS_KEY] = settings
+        config.attributes[STATE_KEY] = state
+        try:
+            with EnvironmentContext(config, script, fn=guarded, **opts):
+                script.run_env()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    config.attributes.pop(key, None)
+                else:
+                    config.attributes[key] = value
+    if not state.called:
+        raise _unprotected(script)
+    return state.applied
+
+
+def _unprotected(script: ScriptDirectory) -> ConfigurationError:
+    env_py = os.path.join(script.dir, "env.py")
+    msg = (
+        f"{env_py} does not run migrations through alembic_sqlite_lock.run_migrations(), "
+        "so no lock would be taken and nothing was migrated. Replace its "
+        "run_migrations_offline()/run_migrations_online() boilerplate with: "
+        "`from alembic_sqlite_lock import run_migrations` and "
+        "`run_migrations(context, target_metadata)`."
+    )
+    return ConfigurationError(msg)

@@ -1,0 +1,82 @@
+"""Errors raised by alembic-sqlite-lock.
+
+Every error subclasses alembic's ``CommandError``: the stock ``alembic`` command line
+prints ``FAILED: <message>`` and exits non-zero for those, instead of a traceback.
+Errors carry their facts as attributes (``url`` with the password hidden, ``attempts``,
+``waited_s``) and survive pickling, so they cross a ``multiprocessing`` boundary intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.util import CommandError
+
+
+class MigrationLockError(CommandError):
+    """Root of every error this library raises."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception pickles as ``cls(*args)``, which would drop (or trip over) the
+        # keyword-only fields of the subclasses; rebuild from args plus the instance dict.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(
+    cls: type[MigrationLockError], args: tuple[Any, ...], state: dict[str, Any]
+) -> MigrationLockError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class ConfigurationError(MigrationLockError):
+    """A setting, alembic.ini or env.py is wrong; nothing was run."""
+
+
+class LockTimeout(MigrationLockError):
+    """The migration lock could not be taken before the attempts or the deadline ran out."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        attempts: int,
+        waited_s: float,
+        holder: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.attempts = attempts
+        self.waited_s = waited_s
+        self.holder = holder
+
+
+class MigrationError(MigrationLockError):
+    """A migration failed under the lock; the run was rolled back (see ``__cause__``)."""
+
+    def __init__(self, message: str, *, url: str, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.revision = revision
+
+
+class RollbackFailed(MigrationError):
+    """A migration failed and rolling it back failed too; the database needs a look."""
+
+
+def lock_timeout(url: str, attempts: int, waited_s: float) -> LockTimeout:
+    msg = (
+        f"Could not take the migration lock on {url} after {attempts} attempt"
+        f"{'s' if attempts != 1 else ''} over {waited_s:.1f}s: another connection held "
+        "a write lock on the database the whole time. Likely causes: another process is "
+        "stuck in a migration or a long write transaction (check its logs; `fuser` or "
+        "`lsof` on the file shows who has it open); the database file or its directory "
+        "is not writable by this user (file permissions); or disk I/O problems. To "
+        "diagnose, start a single worker alone; if a migration legitimately takes longer, "
+        "raise deadline_s (`-x lock_deadline_s=600`, or the [alembic_sqlite_lock] section "
+        "of alembic.ini)."
+    )
+    return LockTimeout(msg, url=url, attempts=attempts, waited_s=waited_s)

@@ -1,0 +1,150 @@
+"""SQLite: the migration lock is SQLite's own write lock, taken with BEGIN IMMEDIATE.
+
+Why BEGIN IMMEDIATE: a plain (DEFERRED) BEGIN takes no lock until the first write, so two
+workers can both read "no version yet" and both start migrating; EXCLUSIVE would also
+block readers, so a restart would stall the app's reads for the length of a migration.
+IMMEDIATE takes the RESERVED lock at once: exactly one writer, readers carry on, and
+SQLite releases it when the transaction ends or the process dies (no stale lock rows).
+
+Never open or close the database file outside SQLite: POSIX drops all of a process's
+fcntl locks on a file when *any* descriptor of that file is closed, which would silently
+release the lock SQLite holds for us.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
+from sqlalchemy.pool import NullPool
+
+from ._retry import LockBusy
+
+READ_ONLY_OPTION = "alembic_sqlite_lock_read_only"
+"""Execution option marking a connection that only looks at the version (DEFERRED)."""
+
+_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def is_busy(error: BaseException) -> bool:
+    """True when ``error`` means another connection holds a lock SQLite needs."""
+    if isinstance(error, exc.DBAPIError) and error.orig is not None:
+        error = error.orig
+    if not isinstance(error, sqlite3.OperationalError):
+        return False
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _BUSY_CODES
+    text = str(error).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def migration_url(url: str | URL) -> URL:
+    """The URL we migrate through: always the synchronous pysqlite driver.
+
+    An app may use ``sqlite+aiosqlite://``; the lock is SQLite's, whatever the driver,
+    so migrating the same file through pysqlite is equivalent and keeps this code sync.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.get_driver_name() != "pysqlite":
+        parsed = parsed.set(drivername="sqlite")
+    return parsed
+
+
+def create_engine(section: Mapping[str, str]) -> Engine:
+    """An engine whose transactions start with BEGIN IMMEDIATE (the SQLAlchemy recipe).
+
+    ``section`` is the alembic.ini section holding ``sqlalchemy.url`` and friends.
+    """
+    options = dict(section)
+    options["sqlalchemy.url"] = migration_url(options["sqlalchemy.url"]).render_as_string(
+        hide_password=False
+    )
+    engine = engine_from_config(
+        options,
+        prefix="sqlalchemy.",
+        # A new connection for every attempt: a connection that timed out waiting is
+        # never reused, and nothing stays open between runs.
+        poolclass=NullPool,
+        # pysqlite's own transaction handling issues a deferred BEGIN before DML only
+        # (and none before DDL); isolation_level=None turns it off so that the BEGIN
+        # we emit below is the only one.
+        connect_args={"isolation_level": None},
+    )
+    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "begin", _on_begin)
+    return engine
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # PRAGMA foreign_keys is a no-op inside a transaction, so it is set here, before
+    # BEGIN. OFF is SQLite's documented procedure for schema changes: a batch rebuild
+    # (copy, DROP, RENAME) of a parent table would otherwise cascade-delete its children.
+    # foreign_key_check() runs before COMMIT instead.
+    dbapi_connection.execute("PRAGMA foreign_keys = OFF")
+
+
+def _on_begin(connection: Connection) -> None:
+    options = connection.get_execution_options()
+    if options.get("isolation_level") == "AUTOCOMMIT":
+        return
+    if connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+        return
+    mode = "DEFERRED" if options.get(READ_ONLY_OPTION) else "IMMEDIATE"
+    connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def set_busy_timeout(connection: Connection, seconds: float) -> None:
+    """How long SQLite's busy handler retries before a statement fails as locked."""
+    _dbapi(connection).execute(f"PRAGMA busy_timeout = {round(seconds * 1000)}")
+
+
+def begin_write(connection: Connection, busy_timeout_s: float, *, owned: bool) -> None:
+    """Start the migration transaction, holding SQLite's write lock from now on.
+
+    Raises LockBusy when another connection kept the lock for ``busy_timeout_s``.
+    ``owned`` connections come from :func:`create_engine`, whose ``begin`` listener
+    emits BEGIN IMMEDIATE; a connection handed in by the user gets it emitted here.
+    """
+    set_busy_timeout(connection, busy_timeout_s)
+    try:
+        if not owned:
+            _dbapi(connection).execute("BEGIN IMMEDIATE")
+        connection.begin()
+    except (exc.OperationalError, sqlite3.OperationalError) as error:
+        if is_busy(error):
+            raise LockBusy(str(error)) from error
+        raise
+
+
+def foreign_key_violations(connection: Connection) -> list[str]:
+    """Rows that break a foreign key, described; run before COMMIT."""
+    rows = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    return [f"{table} rowid {rowid} -> {parent}" for table, rowid, parent, _fk in rows]
+
+
+def read_pragma(connection: Connection, name: str) -> Any:
+    return _dbapi(connection).execute(f"PRAGMA {name}").fetchone()[0]
+
+
+def foreign_connection_guard(connection: Connection) -> Callable[[], None]:
+    """Prepare a user's connection like ours; return what puts its settings back."""
+    foreign_keys = read_pragma(connection, "foreign_keys")
+    busy_timeout_ms = read_pragma(connection, "busy_timeout")
+    _dbapi(connection).execute("PRAGMA foreign_keys = OFF")
+
+    def restore() -> None:
+        dbapi = _dbapi(connection)
+        dbapi.execute(f"PRAGMA foreign_keys = {int(foreign_keys)}")
+        dbapi.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+
+    return restore
+
+
+def _dbapi(connection: Connection) -> sqlite3.Connection:
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, sqlite3.Connection), "a pysqlite connection is required"
+    return driver

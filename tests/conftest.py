@@ -1,0 +1,100 @@
+"""Shared fixtures: a throw-away copy of the demo Alembic project per test."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from workers import make_project, run_together  # noqa: E402
+
+__all__ = ["REPO", "Project", "make_project", "run_together"]
+
+DEMO_REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
+
+
+@dataclass
+class Project:
+    """A copy of the demo project: alembic.ini, alembic/env.py, alembic/versions/."""
+
+    root: Path
+
+    @property
+    def ini(self) -> Path:
+        return self.root / "alembic.ini"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "app.db"
+
+    @property
+    def env_py(self) -> Path:
+        return self.root / "alembic" / "env.py"
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "alembic" / "versions"
+
+    def alembic(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run the real `alembic` console script of this virtualenv."""
+        exe = Path(sys.executable).with_name("alembic")
+        return subprocess.run(
+            [str(exe), "-c", str(self.ini), *args],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def add_revision(self, rev: str, down: str | None, upgrade: str,
+                     downgrade: str = "pass", header: str = "") -> Path:
+        """Write a revision file; ``upgrade``/``downgrade`` are function bodies."""
+        body = "\n".join("    " + line for line in upgrade.strip().splitlines())
+        down_body = "\n".join("    " + line for line in downgrade.strip().splitlines())
+        path = self.versions / f"{rev}_test.py"
+        path.write_text(
+            f'"""test revision {rev}"""\n'
+            "import sqlalchemy as sa\nfrom alembic import op\n"
+            f"{header}\n"
+            f"revision = {rev!r}\ndown_revision = {down!r}\n"
+            "branch_labels = None\ndepends_on = None\n\n\n"
+            f"def upgrade():\n{body}\n\n\ndef downgrade():\n{down_body}\n"
+        )
+        return path
+
+    # Facts about the database, read with plain sqlite3 -------------------------------
+    def query(self, sql: str) -> list[tuple[object, ...]]:
+        conn = sqlite3.connect(self.db)
+        try:
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+
+    def version(self) -> list[str]:
+        if "alembic_version" not in self.tables():
+            return []
+        return sorted(str(v) for (v,) in self.query("SELECT version_num FROM alembic_version"))
+
+    def tables(self) -> set[str]:
+        if not self.db.exists():
+            return set()
+        return {str(n) for (n,) in self.query(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+
+    def count(self, table: str) -> int:
+        return int(self.query(f"SELECT count(*) FROM {table}")[0][0])
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Project]:
+    make_project(tmp_path / "proj")
+    return Project(tmp_path / "proj")

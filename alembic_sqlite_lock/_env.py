@@ -19,9 +19,11 @@ transaction makes it an "external" transaction that Alembic leaves alone.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from alembic.runtime.environment import EnvironmentContext
@@ -32,6 +34,7 @@ from sqlalchemy.engine import Connection, make_url
 from . import _sqlite
 from ._errors import ConfigurationError, MigrationError, MigrationLockError, RollbackFailed
 from ._retry import LockBusy, RetryPolicy, acquire
+from ._runlock import RunLock, lock_path_for
 from ._settings import resolve_policy
 
 logger = logging.getLogger(__name__)
@@ -119,6 +122,7 @@ class _Connections(Protocol):
     url: str
 
     def reading(self) -> Any: ...
+    def database_path(self) -> str: ...
     def try_lock(self, busy_timeout_s: float) -> Connection: ...
     def release(self, connection: Connection) -> None: ...
     def close(self) -> None: ...
@@ -146,6 +150,10 @@ class _OwnEngine:
     def reading(self) -> Iterator[Connection]:
         with self.engine.connect() as connection:
             yield connection.execution_options(**{_sqlite.READ_ONLY_OPTION: True})
+
+    def database_path(self) -> str:
+        with self.engine.connect() as connection:
+            return _sqlite.database_path(connection)
 
     def try_lock(self, busy_timeout_s: float) -> Connection:
         try:
@@ -189,6 +197,9 @@ class _HandedIn:
     def reading(self) -> Iterator[Connection]:
         yield self.connection
 
+    def database_path(self) -> str:
+        return _sqlite.database_path(self.connection)
+
     def try_lock(self, busy_timeout_s: float) -> Connection:
         _sqlite.begin_write(self.connection, busy_timeout_s, owned=False)
         return self.connection
@@ -220,6 +231,7 @@ class _OnlineRun:
         # upgrade, downgrade and stamp name a destination; current, check and
         # autogenerate do not, and get no "nothing to do" line.
         self.migrates = "destination_rev" in env.context_opts
+        self.database_path: str | None = None  # as SQLite resolved it, for the run lock
 
     def run(self) -> None:
         handed_in = self.env.config.attributes.get("connection")
@@ -239,6 +251,7 @@ class _OnlineRun:
         try:
             with source.reading() as connection:
                 _sqlite.set_busy_timeout(connection, self.policy.busy_timeout_s)
+                self.database_path = _sqlite.database_path(connection)
                 self.env.configure(connection=connection, **self.kwargs)
                 migration_context = self.env.get_context()
                 heads = migration_context.get_current_heads()
@@ -277,7 +290,12 @@ class _OnlineRun:
         self.env.context_opts["fn"] = locked_fn
         try:
             try:
-                connection = acquire(source.try_lock, self.policy, url=source.url)
+                if self.database_path is None:
+                    self.database_path = source.database_path()
+                run_lock = RunLock(lock_path_for(self.database_path))
+                connection = acquire(
+                    partial(_lock_both, run_lock, source), self.policy, url=source.url
+                )
             except exc.DBAPIError as error:
                 raise _database_error(source.url, error) from error
             try:
@@ -294,11 +312,24 @@ class _OnlineRun:
                 raise
             finally:
                 source.release(connection)
+                run_lock.release()  # after COMMIT: the next worker finds SQLite's lock free
         finally:
             self.env.context_opts["fn"] = command_fn
         for step in progress.done:
             logger.info("%s: %s", _verb(step, done=True), _revision_of(step))
             self.state.applied.append(_revision_of(step))
+
+
+def _lock_both(run_lock: RunLock, source: _Connections, busy_timeout_s: float) -> Connection:
+    """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""
+    started = time.monotonic()
+    if not run_lock.acquire(busy_timeout_s):
+        raise LockBusy(f"{run_lock.path} is held by another worker")
+    try:
+        return source.try_lock(max(0.0, busy_timeout_s - (time.monotonic() - started)))
+    except BaseException:
+        run_lock.release()
+        raise
 
 
 @dataclass

@@ -126,6 +126,14 @@ def foreign_key_violations(connection: Connection) -> list[str]:
     return [f"{table} rowid {rowid} -> {parent}" for table, rowid, parent, _fk in rows]
 
 
+def database_path(connection: Connection) -> str:
+    """The main database's file path as SQLite resolved it ("" for in-memory)."""
+    for _seq, name, path in _dbapi(connection).execute("PRAGMA database_list"):
+        if name == "main":
+            return str(path or "")
+    return ""
+
+
 def read_pragma(connection: Connection, name: str) -> Any:
     return _dbapi(connection).execute(f"PRAGMA {name}").fetchone()[0]
 

@@ -1,0 +1,126 @@
+"""The run lock: an OS lock on a small file beside the database, held for a whole run.
+
+SQLite's write lock (BEGIN IMMEDIATE) is the guarantee for the migration transaction.
+This lock comes first and adds two things SQLite cannot give:
+
+* Prompt hand-off. A worker waiting on SQLite's lock sleeps in SQLite's busy handler
+  (up to 100 ms between tries), so it keeps sleeping after the lock is free. A worker
+  blocked in ``flock()`` is woken by the kernel the moment the holder lets go, and then
+  finds SQLite's lock free as well: the holder commits before it releases this lock.
+* A lock that outlives a transaction, for runs that must commit in the middle (an
+  Alembic ``autocommit_block()``).
+
+The lock file is ``<database>.migration-lock`` and is never deleted (unlinking a lock
+file while another process waits on it would let two holders in). It is a different
+file from the database on purpose: POSIX drops every fcntl lock a process holds on a
+file when *any* descriptor of that file is closed, which would release SQLite's locks.
+``flock`` locks belong to one open file description, so they are unaffected by that and
+by SQLite's own locking; the kernel releases them when the process dies.
+
+Supported: Linux, macOS and other POSIX systems with ``fcntl.flock``. Elsewhere (Windows)
+the run lock is skipped and SQLite's write lock alone serializes runs; waiters then hand
+off at the pace of SQLite's busy handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".migration-lock"
+
+
+def lock_path_for(database_path: str) -> str | None:
+    """The lock file for a database file; None for in-memory and temporary databases."""
+    if not database_path or fcntl is None:
+        return None
+    return database_path + SUFFIX
+
+
+class RunLock:
+    """An exclusive ``flock`` on the lock file, taken with a timeout."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, timeout_s: float) -> bool:
+        """Take the lock within ``timeout_s``; False if another process kept it."""
+        assert self._fd is None, "RunLock is not reentrant"
+        fd = self._open()
+        if fd is None:
+            return True  # no usable lock file: SQLite's lock alone serializes the run
+        if _try_flock(fd) or _flock_waiting(fd, timeout_s):
+            self._fd = fd
+            return True
+        return False
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases its flock
+
+    def _open(self) -> int | None:
+        if self.path is None:
+            return None
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+            try:
+                return os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+                    raise
+        logger.debug("Cannot open %s; relying on SQLite's lock alone", self.path)
+        return None
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _flock_waiting(fd: int, timeout_s: float) -> bool:
+    """Block in the kernel for the lock, giving up after ``timeout_s``.
+
+    ``flock`` has no timeout, so a daemon thread blocks in it while this thread waits
+    on an Event. On time-out the thread is abandoned: it takes ownership of ``fd`` and
+    closes it (releasing the lock at once) when its ``flock`` finally returns.
+    """
+    if timeout_s <= 0:
+        os.close(fd)
+        return False
+    got_it = threading.Event()
+    guard = threading.Lock()
+    abandoned = False
+
+    def wait() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with guard:
+            if abandoned:
+                os.close(fd)
+            else:
+                got_it.set()
+
+    threading.Thread(target=wait, name="alembic-sqlite-lock-wait", daemon=True).start()
+    if got_it.wait(timeout_s):
+        return True
+    with guard:
+        if got_it.is_set():
+            return True
+        abandoned = True
+    return False

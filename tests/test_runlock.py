@@ -1,0 +1,95 @@
+"""The run lock beside the database: held across a run, timed out cleanly, never leaked."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from conftest import Project
+
+import alembic_sqlite_lock
+from alembic_sqlite_lock._runlock import SUFFIX, RunLock, lock_path_for
+
+
+@contextmanager
+def held_flock(path: Path) -> Iterator[None]:
+    """Another holder: a separate open file description with the flock taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def test_a_held_run_lock_makes_a_pending_upgrade_wait_then_time_out(project: Project) -> None:
+    lock_file = Path(str(project.db) + SUFFIX)
+    with held_flock(lock_file):
+        result = project.alembic(
+            "-x", "lock_deadline_s=1", "-x", "lock_busy_timeout_s=0.3", "upgrade", "head"
+        )
+    assert result.returncode != 0
+    # The stock alembic CLI prints "FAILED: <message>" on stdout and logs it on stderr.
+    assert "FAILED: Could not take the migration lock on sqlite:///" in result.stdout
+    assert str(project.db) in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert project.version() == []
+    assert "users" not in project.tables()
+
+    # Released: the same command goes through.
+    assert project.alembic("upgrade", "head").returncode == 0
+    assert project.version() == ["0008"]
+
+
+def test_the_run_lock_is_held_for_the_run_and_released_after(project: Project) -> None:
+    lock_file = Path(str(project.db) + SUFFIX)
+    seen_held: list[bool] = []
+
+    def probe(**_kw: object) -> None:  # on_version_apply: runs inside the run
+        probe_fd = os.open(lock_file, os.O_RDWR)
+        try:
+            fcntl.flock(probe_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen_held.append(False)
+        except BlockingIOError:
+            seen_held.append(True)
+        finally:
+            os.close(probe_fd)
+
+    project.env_py.write_text(
+        "from alembic import context\n"
+        "from alembic_sqlite_lock import run_migrations\n"
+        "run_migrations(context, None, on_version_apply=context.config.attributes['probe'])\n"
+    )
+    from alembic.config import Config
+
+    config = Config(str(project.ini))
+    config.attributes["probe"] = probe
+    alembic_sqlite_lock.upgrade(config)
+
+    assert seen_held == [True] * 8
+    with held_flock(lock_file):  # free again: this would block forever otherwise
+        pass
+    assert lock_file.exists()  # never deleted: unlinking a lock file races its waiters
+
+
+def test_an_abandoned_waiter_releases_the_lock_when_it_finally_gets_it(tmp_path: Path) -> None:
+    path = str(tmp_path / "db.sqlite") + SUFFIX
+    holder = RunLock(path)
+    assert holder.acquire(timeout_s=1)
+    waiter = RunLock(path)
+    assert not waiter.acquire(timeout_s=0.2)  # gives up; its thread still waits
+    assert not waiter.held
+    holder.release()
+
+    # The abandoned thread gets the lock, sees it was abandoned and lets go at once.
+    late = RunLock(path)
+    assert late.acquire(timeout_s=10)
+    late.release()
+
+
+def test_in_memory_and_temporary_databases_have_no_lock_file() -> None:
+    assert lock_path_for("") is None
+    assert lock_path_for("/srv/app.db") == "/srv/app.db" + SUFFIX

@@ -143,7 +143,11 @@ def _run(
     **opts: Any,
 ) -> list[str]:
     resolve_policy(config, settings)  # bad settings fail here, before env.py runs
-    state = RunState()
+    # Alembic writes before it calls the work function (and so before the guard below):
+    # it creates the version table on a fresh file, and empties it for --purge. Until
+    # env.py proves it runs through our lock, Alembic gets dont_mutate and no purge.
+    state = RunState(held_opts={"dont_mutate": False, "purge": opts.pop("purge", False)})
+    opts["dont_mutate"] = True
 
     def guarded(heads: tuple[str, ...], context: MigrationContext) -> Iterable[Any]:
         if not state.inside:

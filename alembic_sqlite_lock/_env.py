@@ -54,6 +54,8 @@ class RunState:
     inside: bool = False
     """run_migrations() is running now: only then may migration steps be computed."""
     applied: list[str] = field(default_factory=list)
+    held_opts: dict[str, Any] = field(default_factory=dict)
+    """Options upgrade() kept from Alembic until run_migrations() takes over (see there)."""
 
 
 def run_migrations(
@@ -78,6 +80,10 @@ def run_migrations(
     state = env.config.attributes.setdefault(STATE_KEY, RunState())
     state.called = True
     state.inside = True
+    # upgrade() hides the options that make Alembic write before it calls the command's
+    # work function (the version table on a fresh file, --purge); only an env.py that
+    # comes through here gets them back.
+    env.context_opts.update(state.held_opts)
     try:
         kwargs = dict(configure_kwargs, target_metadata=target_metadata)
         if env.is_offline_mode():

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pytest-xdist: the concurrency tests mostly wait on each other, so two per core pays.
 TEST_WORKERS ?= 4
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-lowest lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,19 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
+# The same suite against the lowest alembic and SQLAlchemy that pyproject.toml allows.
+.venv-lowest/.installed: pyproject.toml constraints/lowest.txt
+	$(PYTHON) -m venv .venv-lowest
+	.venv-lowest/bin/python -m pip install --quiet --upgrade pip
+	.venv-lowest/bin/python -m pip install --quiet -e '.[test]' -c constraints/lowest.txt
+	touch $@
+
+test-lowest: .venv-lowest/.installed
+	.venv-lowest/bin/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-lowest .pytest_cache .mypy_cache .ruff_cache *.egg-info

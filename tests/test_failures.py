@@ -18,6 +18,7 @@ from conftest import DEMO_REVISIONS, Project
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import MigrationError
+from alembic_sqlite_lock._sqlite import READ_ONLY_OPTION
 
 # 0009 does real work (a table, a row) before it fails: a rollback must undo both.
 AUDIT_LOG = """\
@@ -197,3 +198,39 @@ def test_batch_rebuild_through_a_handed_in_connection_with_foreign_keys_on(
         assert alembic_sqlite_lock.upgrade(config) == ["0010"]
 
     assert_books_survived(migrated)
+
+
+# A rollback that fails too -----------------------------------------------------------
+
+
+def test_a_failed_rollback_is_logged_critical_and_raises_rollback_failed(
+    migrated: Project, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mock only to force the rare path: the rollback itself raises."""
+    migrated.add_revision("0009", "0008", AUDIT_LOG + BROKEN)
+
+    real_rollback = sa.engine.Connection.rollback
+
+    def broken_rollback(self: sa.engine.Connection) -> None:
+        if self.get_execution_options().get(READ_ONLY_OPTION):
+            return real_rollback(self)  # the unlocked look at the version may roll back
+        raise sa.exc.OperationalError("ROLLBACK", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(sa.engine.Connection, "rollback", broken_rollback)
+
+    with pytest.raises(alembic_sqlite_lock.RollbackFailed) as caught:
+        alembic_sqlite_lock.upgrade(migrated.ini)
+
+    assert isinstance(caught.value, MigrationError)
+    assert "rolling it back failed too" in str(caught.value)
+    assert "integrity_check" in str(caught.value)
+    critical = [r for r in caught_records(caplog) if r.levelname == "CRITICAL"]
+    assert len(critical) == 1
+    assert "rollback failed" in critical[0].getMessage()
+    # Closing the connection still ended the transaction inside SQLite: nothing of 0009.
+    assert migrated.version() == ["0008"]
+    assert "audit_log" not in migrated.tables()
+
+
+def caught_records(caplog: pytest.LogCaptureFixture) -> list[Any]:
+    return [r for r in caplog.records if r.name.startswith("alembic_sqlite_lock")]

@@ -22,8 +22,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from ._env import STATE_KEY, RunState, StepsFn
+from ._env import STATE_KEY, RunState
 from ._errors import ConfigurationError
+from ._progress import StepsFn
 from ._settings import SETTINGS_KEY, resolve_policy
 
 _PROCESS_MUTEX = threading.RLock()

@@ -20,29 +20,37 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
 from alembic.runtime.environment import EnvironmentContext
-from alembic.runtime.migration import MigrationContext, MigrationStep, RevisionStep
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, make_url
 
 from . import _sqlite
-from ._errors import ConfigurationError, MigrationError, MigrationLockError, RollbackFailed
+from ._errors import ConfigurationError, MigrationLockError, RollbackFailed
+from ._progress import (
+    Progress,
+    StepsFn,
+    describe,
+    log_applied,
+    logging_steps,
+    migration_error,
+    revisions,
+)
 from ._retry import LockBusy, RetryPolicy, acquire
 from ._runlock import RunLock, lock_path_for
 from ._settings import resolve_policy
+from ._targets import pin_relative_target
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "alembic_sqlite_lock.state"
 """``Config.attributes`` key of the :class:`RunState` shared with ``upgrade()``."""
 
-StepsFn = Callable[[tuple[str, ...], MigrationContext], Iterable[MigrationStep]]
 
 
 @dataclass
@@ -86,6 +94,7 @@ def run_migrations(
     env.context_opts.update(state.held_opts)
     try:
         kwargs = dict(configure_kwargs, target_metadata=target_metadata)
+        resolve_policy(env.config)  # bad settings fail offline too, naming the setting
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
@@ -129,7 +138,7 @@ class _Connections(Protocol):
 
     def reading(self) -> Any: ...
     def database_path(self) -> str: ...
-    def try_lock(self, busy_timeout_s: float) -> Connection: ...
+    def try_lock(self, busy_timeout_s: float, *, begin: bool) -> Connection: ...
     def release(self, connection: Connection) -> None: ...
     def close(self) -> None: ...
 
@@ -161,7 +170,7 @@ class _OwnEngine:
         with self.engine.connect() as connection:
             return _sqlite.database_path(connection)
 
-    def try_lock(self, busy_timeout_s: float) -> Connection:
+    def try_lock(self, busy_timeout_s: float, *, begin: bool) -> Connection:
         try:
             connection = self.engine.connect()
         except exc.OperationalError as error:
@@ -169,7 +178,9 @@ class _OwnEngine:
                 raise LockBusy(str(error)) from error
             raise
         try:
-            _sqlite.begin_write(connection, busy_timeout_s, owned=True)
+            _sqlite.set_busy_timeout(connection, busy_timeout_s)
+            if begin:
+                _sqlite.begin_write(connection, busy_timeout_s, owned=True)
         except BaseException:
             connection.close()
             raise
@@ -206,8 +217,10 @@ class _HandedIn:
     def database_path(self) -> str:
         return _sqlite.database_path(self.connection)
 
-    def try_lock(self, busy_timeout_s: float) -> Connection:
-        _sqlite.begin_write(self.connection, busy_timeout_s, owned=False)
+    def try_lock(self, busy_timeout_s: float, *, begin: bool) -> Connection:
+        _sqlite.set_busy_timeout(self.connection, busy_timeout_s)
+        if begin:
+            _sqlite.begin_write(self.connection, busy_timeout_s, owned=False)
         return self.connection
 
     def release(self, connection: Connection) -> None:
@@ -264,6 +277,13 @@ class _OnlineRun:
                 steps = list(self.command_fn(heads, migration_context))
                 if steps:
                     connection.rollback()
+                    self.command_fn = pin_relative_target(
+                        self.command_fn,
+                        self.env.script,
+                        self.env.context_opts.get("destination_rev"),
+                        heads,
+                        steps,
+                    )
                     return False
                 connection.commit()
         except exc.DBAPIError as error:
@@ -271,78 +291,99 @@ class _OnlineRun:
                 return False  # the locked pass waits its turn, with retries
             raise _database_error(source.url, error) from error
         if self.migrates:
-            logger.info("Database already at %s, nothing to do", _revisions(heads))
+            logger.info("Database already at %s, nothing to do", revisions(heads))
         return True
 
     def _run_locked(self, source: _Connections, *, saw_work: bool) -> None:
-        progress = _Progress()
-        command_fn = self.command_fn
-
-        def locked_fn(heads: tuple[str, ...], context: MigrationContext) -> Iterator[Any]:
-            progress.before = heads
-            steps = list(command_fn(heads, context))
-            if not steps and self.migrates:
-                if saw_work:
-                    logger.info("All migrations already applied by another worker")
-                else:
-                    logger.info("Database already at %s, nothing to do", _revisions(heads))
-            for step in steps:
-                progress.running = step
-                logger.info("%s: %s", _verb(step, done=False), _describe(step))
-                yield step
-                progress.done.append(step)
-            progress.running = None
-
-        self.env.context_opts["fn"] = locked_fn
+        if self.database_path is None:
+            self.database_path = source.database_path()
+        run_lock = RunLock(lock_path_for(self.database_path))
+        # transaction_per_migration lets Alembic commit after each revision; the run
+        # lock alone then keeps other workers out between revisions, so it needs one.
+        per_migration = bool(self.kwargs.get("transaction_per_migration"))
+        if per_migration and not run_lock.usable:
+            logger.warning(
+                "transaction_per_migration needs the run lock (%s), which cannot be used "
+                "here; running all revisions in one transaction instead",
+                run_lock.path or "no lock file for this database",
+            )
+            per_migration = False
+        progress = Progress()
+        self.env.context_opts["fn"] = logging_steps(
+            self.command_fn, progress, migrates=self.migrates, saw_work=saw_work
+        )
         try:
             try:
-                if self.database_path is None:
-                    self.database_path = source.database_path()
-                run_lock = RunLock(lock_path_for(self.database_path))
                 connection = acquire(
-                    partial(_lock_both, run_lock, source), self.policy, url=source.url
+                    partial(_lock_both, run_lock, source, begin=not per_migration),
+                    self.policy,
+                    url=source.url,
                 )
             except exc.DBAPIError as error:
                 raise _database_error(source.url, error) from error
+            stop_watching = _sqlite.warn_on_ignored_pragmas(
+                connection, lambda: describe(progress.running) if progress.running else "?"
+            )
             try:
-                self.env.configure(connection=connection, **self.kwargs)
-                self.env.run_migrations()
-                violations = _sqlite.foreign_key_violations(connection)
-                if violations:
-                    raise _ForeignKeyViolation(violations)
-                connection.commit()
+                self._migrate(connection)
             except BaseException as error:
                 _rollback(connection, source.url, error)
                 if isinstance(error, Exception) and not isinstance(error, MigrationLockError):
-                    raise _migration_error(source.url, progress, error) from error
+                    heads_now = _heads_after_rollback(self.env, connection)
+                    raise migration_error(source.url, progress, error, heads_now) from error
                 raise
             finally:
+                stop_watching()
                 source.release(connection)
                 run_lock.release()  # after COMMIT: the next worker finds SQLite's lock free
         finally:
-            self.env.context_opts["fn"] = command_fn
-        for step in progress.done:
-            logger.info("%s: %s", _verb(step, done=True), _revision_of(step))
-            self.state.applied.append(_revision_of(step))
+            self.env.context_opts["fn"] = self.command_fn
+        self.state.applied.extend(log_applied(progress))
+
+    def _migrate(self, connection: Connection) -> None:
+        """Run the command on a connection that holds the lock, then check and commit."""
+        self.env.configure(connection=connection, **self.kwargs)
+        migration_context = self.env.get_context()
+        if connection.in_transaction():
+            # Alembic treats a transaction it did not begin as the caller's and leaves it
+            # alone (no COMMIT per revision). autocommit_block() wants to commit "its"
+            # transaction first and begin a new one after: let it see ours. The run
+            # lock keeps other workers out while SQLite's lock is released in the block.
+            migration_context._transaction = connection.get_transaction()
+        self.env.run_migrations()
+        violations = _sqlite.foreign_key_violations(connection)
+        if violations:
+            raise _ForeignKeyViolation(violations)
+        if connection.in_transaction():
+            connection.commit()
 
 
-def _lock_both(run_lock: RunLock, source: _Connections, busy_timeout_s: float) -> Connection:
+def _lock_both(
+    run_lock: RunLock, source: _Connections, busy_timeout_s: float, *, begin: bool
+) -> Connection:
     """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""
     started = time.monotonic()
     if not run_lock.acquire(busy_timeout_s):
         raise LockBusy(f"{run_lock.path} is held by another worker")
     try:
-        return source.try_lock(max(0.0, busy_timeout_s - (time.monotonic() - started)))
+        left = max(0.0, busy_timeout_s - (time.monotonic() - started))
+        return source.try_lock(left, begin=begin)
     except BaseException:
         run_lock.release()
         raise
 
 
-@dataclass
-class _Progress:
-    before: tuple[str, ...] = ()
-    running: Any = None
-    done: list[Any] = field(default_factory=list)
+def _heads_after_rollback(
+    env: EnvironmentContext, connection: Connection
+) -> tuple[str, ...] | None:
+    """Where the database really is after a failed run (part may have been committed)."""
+    try:
+        connection.execution_options(**{_sqlite.READ_ONLY_OPTION: True})
+        heads = env.get_context().get_current_heads()
+        connection.rollback()
+        return heads
+    except Exception:
+        return None
 
 
 class _ForeignKeyViolation(Exception):
@@ -369,48 +410,9 @@ def _rollback(connection: Connection, url: str, error: BaseException) -> None:
         raise RollbackFailed(msg, url=url) from rollback_error
 
 
-def _migration_error(url: str, progress: _Progress, error: Exception) -> MigrationError:
-    before = _revisions(progress.before)
-    if progress.running is not None:
-        what = f"Migration {_describe(progress.running)} failed on {url}"
-        revision: str | None = _revision_of(progress.running)
-    else:
-        what = f"The migration run on {url} failed before it could commit"
-        revision = None
-    msg = (
-        f"{what}: {type(error).__name__}: {error}. The whole run was rolled back; the "
-        f"database is still at {before}. Fix the cause and run the upgrade again."
-    )
-    return MigrationError(msg, url=url, revision=revision)
-
-
 def _database_error(url: str, error: exc.DBAPIError) -> MigrationLockError:
     msg = (
         f"Could not read the migration state of {url}: {error.orig}. Check that the path "
         "points at a SQLite database this user can read and write."
     )
     return MigrationLockError(msg)
-
-
-def _revisions(heads: Iterable[str]) -> str:
-    return ", ".join(heads) or "base (no revision)"
-
-
-def _revision_of(step: Any) -> str:
-    if isinstance(step, RevisionStep):
-        return str(step.revision.revision)
-    return ", ".join(step.to_revisions_no_deps) or "base"
-
-
-def _describe(step: Any) -> str:
-    doc = step.doc
-    return f"{_revision_of(step)} ({doc})" if doc else _revision_of(step)
-
-
-def _verb(step: Any, *, done: bool) -> str:
-    if not isinstance(step, RevisionStep):
-        return "Stamped" if done else "Stamping"
-    if step.is_upgrade:
-        return "Applied migration" if done else "Applying migration"
-    return "Reverted migration" if done else "Reverting migration"
-

@@ -67,7 +67,8 @@ class RetryPolicy:
 
     def delay_after(self, attempt: int, rng: _Uniform = random) -> float:
         """Seconds to sleep after failed attempt ``attempt`` (counted from 1)."""
-        return float(self.base_delay_s * 2**attempt + rng.uniform(0, self.jitter_s))
+        # The exponent is capped: 2.0**1024 overflows a float, and minutes are plenty.
+        return float(self.base_delay_s * 2 ** min(attempt, 30) + rng.uniform(0, self.jitter_s))
 
     def delays(self, rng: _Uniform = random) -> Iterator[float]:
         """The sleeps between attempts if every attempt fails (ignores the deadline)."""

@@ -54,6 +54,11 @@ class RunLock:
         self._fd: int | None = None
 
     @property
+    def usable(self) -> bool:
+        """Whether this lock can really exclude others (POSIX, a file-backed database)."""
+        return self.path is not None
+
+    @property
     def held(self) -> bool:
         return self._fd is not None
 

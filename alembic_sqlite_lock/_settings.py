@@ -8,6 +8,7 @@ and where it came from.
 
 from __future__ import annotations
 
+import configparser
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
@@ -96,8 +97,16 @@ def _ini_section(config: Config) -> dict[str, str]:
     # configparser mixes its DEFAULT values (alembic puts ``here`` there) into every
     # section; only the keys written in our section are settings.
     defaults = config.file_config.defaults()
-    return {
-        key: value
-        for key, value in config.file_config.items(SECTION)
-        if key not in defaults
-    }
+    values = {}
+    for key in config.file_config.options(SECTION):
+        if key in defaults:
+            continue
+        try:
+            values[key] = config.file_config.get(SECTION, key)
+        except configparser.Error as error:
+            msg = (
+                f"Setting {key} in [{SECTION}] of {config.config_file_name} cannot be read: "
+                f"{error}. Settings are plain numbers (a literal % is written %%)."
+            )
+            raise ConfigurationError(msg) from error
+    return values

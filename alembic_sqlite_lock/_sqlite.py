@@ -13,6 +13,8 @@ release the lock SQLite holds for us.
 
 from __future__ import annotations
 
+import logging
+import re
 import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +24,8 @@ from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_
 from sqlalchemy.pool import NullPool
 
 from ._retry import LockBusy
+
+logger = logging.getLogger(__name__)
 
 READ_ONLY_OPTION = "alembic_sqlite_lock_read_only"
 """Execution option marking a connection that only looks at the version (DEFERRED)."""
@@ -118,6 +122,34 @@ def begin_write(connection: Connection, busy_timeout_s: float, *, owned: bool) -
         if is_busy(error):
             raise LockBusy(str(error)) from error
         raise
+
+
+_FOREIGN_KEYS_PRAGMA = re.compile(r"^\s*PRAGMA\s+(?:\w+\.)?foreign_keys\s*=", re.IGNORECASE)
+
+
+def warn_on_ignored_pragmas(
+    connection: Connection, running: Callable[[], str]
+) -> Callable[[], None]:
+    """Warn when a revision sets PRAGMA foreign_keys inside the run's transaction.
+
+    Alembic's docs advise ``PRAGMA foreign_keys=OFF`` around a batch rebuild of a parent
+    table; inside a transaction SQLite silently ignores it. Our connection already runs
+    with foreign keys OFF (so no child row is lost), but the author should know.
+    Returns the function that removes the listener.
+    """
+
+    def check(conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+        if _FOREIGN_KEYS_PRAGMA.match(statement) and _dbapi(conn).in_transaction:
+            logger.warning(
+                "Migration %s runs %r inside the migration transaction, where SQLite "
+                "ignores it. No harm done: the migration connection already runs with "
+                "foreign keys OFF and runs PRAGMA foreign_key_check before COMMIT.",
+                running(),
+                statement.strip(),
+            )
+
+    event.listen(connection, "before_cursor_execute", check)
+    return lambda: event.remove(connection, "before_cursor_execute", check)
 
 
 def foreign_key_violations(connection: Connection) -> list[str]:

@@ -1,0 +1,333 @@
+"""Where the retry settings come from, in which order, and how a bad one is reported.
+
+Keyword arguments beat ``-x lock_<name>=...``, which beats the ``[alembic_sqlite_lock]``
+section of alembic.ini, which beats the defaults. A bad or unknown setting stops the
+run before any database file is created, and says which setting and where it was set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from alembic.config import Config
+from conftest import Project
+
+import alembic_sqlite_lock
+from alembic_sqlite_lock import ConfigurationError, LockTimeout, RetryPolicy
+from alembic_sqlite_lock._settings import SETTINGS_KEY, resolve_policy
+
+VALID_NAMES = ("max_attempts", "base_delay_s", "jitter_s", "busy_timeout_s", "deadline_s")
+
+
+def make_config(tmp_path: Path, section: str | None = None, x: list[str] | None = None) -> Config:
+    """An alembic Config as the CLI builds it: an ini file, and cmd_opts with ``-x``."""
+    ini = tmp_path / "alembic.ini"
+    text = "[alembic]\nscript_location = %(here)s/alembic\n"
+    if section is not None:
+        text += f"\n[alembic_sqlite_lock]\n{section}\n"
+    ini.write_text(text)
+    return Config(str(ini), cmd_opts=argparse.Namespace(x=x))
+
+
+def set_in_ini(project: Project, line: str) -> None:
+    text = project.ini.read_text()
+    assert "[alembic_sqlite_lock]\n" in text
+    header = "[alembic_sqlite_lock]\n"
+    project.ini.write_text(text.replace(header, f"{header}{line}\n"))
+
+
+def assert_nothing_created(project: Project) -> None:
+    assert not project.db.exists()
+    assert list(project.root.glob("app.db*")) == []
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stdout + result.stderr
+
+
+# Precedence, through resolve_policy ---------------------------------------------------
+
+
+def test_no_settings_anywhere_gives_the_defaults(tmp_path: Path) -> None:
+    assert resolve_policy(make_config(tmp_path)) == RetryPolicy()
+    assert resolve_policy(make_config(tmp_path, section="")) == RetryPolicy()
+    assert resolve_policy(Config()) == RetryPolicy()  # no ini file at all
+
+
+def test_the_ini_section_overrides_the_defaults(tmp_path: Path) -> None:
+    config = make_config(tmp_path, section="max_attempts = 5\ndeadline_s = 60\n")
+
+    assert resolve_policy(config) == RetryPolicy(max_attempts=5, deadline_s=60.0)
+
+
+def test_x_options_override_the_ini_section(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        section="max_attempts = 5\ndeadline_s = 60\n",
+        x=["lock_deadline_s=30", "lock_jitter_s=0.5"],
+    )
+
+    assert resolve_policy(config) == RetryPolicy(max_attempts=5, deadline_s=30.0, jitter_s=0.5)
+
+
+def test_keyword_arguments_override_x_options_and_the_ini(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        section="max_attempts = 5\ndeadline_s = 60\nbase_delay_s = 0.5\n",
+        x=["lock_deadline_s=30", "lock_max_attempts=7"],
+    )
+
+    policy = resolve_policy(config, {"deadline_s": 10, "busy_timeout_s": 2})
+
+    # deadline_s: kwarg > -x > ini; max_attempts: -x > ini; base_delay_s: ini; jitter: default.
+    assert policy == RetryPolicy(
+        max_attempts=7, base_delay_s=0.5, jitter_s=0.1, busy_timeout_s=2.0, deadline_s=10.0
+    )
+
+
+def test_keyword_arguments_are_read_from_config_attributes(tmp_path: Path) -> None:
+    """upgrade(cfg, **settings) leaves them in config.attributes for env.py."""
+    config = make_config(tmp_path, x=["lock_deadline_s=30"])
+    config.attributes[SETTINGS_KEY] = {"deadline_s": 15}
+
+    assert resolve_policy(config).deadline_s == 15.0
+
+
+def test_every_setting_can_come_from_every_source(tmp_path: Path) -> None:
+    values = {"max_attempts": "3", "base_delay_s": "0.25", "jitter_s": "0",
+              "busy_timeout_s": "4.5", "deadline_s": "9"}
+    expected = RetryPolicy(max_attempts=3, base_delay_s=0.25, jitter_s=0.0,
+                           busy_timeout_s=4.5, deadline_s=9.0)
+    section = "\n".join(f"{name} = {value}" for name, value in values.items())
+
+    assert resolve_policy(make_config(tmp_path, section=section)) == expected
+    x = [f"lock_{name}={value}" for name, value in values.items()]
+    assert resolve_policy(make_config(tmp_path, x=x)) == expected
+    assert resolve_policy(make_config(tmp_path), values) == expected
+
+
+def test_other_x_options_belong_to_env_py_and_are_ignored(tmp_path: Path) -> None:
+    config = make_config(tmp_path, x=["tenant=acme", "dry_run", "deadline_s=abc",
+                                      "lock_deadline_s=7"])
+
+    assert resolve_policy(config) == RetryPolicy(deadline_s=7.0)
+
+
+# Bad and unknown settings, through resolve_policy --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "x", "kwargs", "named"),
+    [
+        ("deadline_s = soon", None, {}, "deadline_s"),
+        ("max_attempts = 2.5", None, {}, "max_attempts"),
+        ("jitter_s = -1", None, {}, "jitter_s"),
+        ("busy_timeout_s = inf", None, {}, "busy_timeout_s"),
+        (None, ["lock_deadline_s=abc"], {}, "lock_deadline_s"),
+        (None, ["lock_max_attempts=0"], {}, "lock_max_attempts"),
+        (None, ["lock_base_delay_s=nan"], {}, "lock_base_delay_s"),
+        (None, ["lock_deadline_s"], {}, "lock_deadline_s"),
+        (None, None, {"deadline_s": -5}, "deadline_s"),
+        (None, None, {"max_attempts": True}, "max_attempts"),
+        (None, None, {"jitter_s": "lots"}, "jitter_s"),
+    ],
+)
+def test_a_bad_value_is_a_configuration_error_naming_the_setting(
+    tmp_path: Path, section: str | None, x: list[str] | None, kwargs: dict[str, object],
+    named: str,
+) -> None:
+    config = make_config(tmp_path, section=section, x=x)
+
+    with pytest.raises(ConfigurationError, match=rf"\b{named}\b") as caught:
+        resolve_policy(config, kwargs)
+
+    if section is not None:
+        assert str(tmp_path / "alembic.ini") in str(caught.value)
+
+
+def test_a_bad_value_is_reported_even_when_a_higher_source_overrides_it(
+    tmp_path: Path,
+) -> None:
+    """A typo in alembic.ini must not hide until the day the -x override is dropped."""
+    config = make_config(tmp_path, section="deadline_s = abc", x=["lock_deadline_s=5"])
+
+    with pytest.raises(ConfigurationError, match="deadline_s"):
+        resolve_policy(config)
+
+
+def test_unknown_key_in_the_ini_section_lists_the_valid_names(tmp_path: Path) -> None:
+    config = make_config(tmp_path, section="deadline = 60\nmax_attempts = 3")
+
+    with pytest.raises(ConfigurationError) as caught:
+        resolve_policy(config)
+
+    message = str(caught.value)
+    assert "deadline" in message
+    assert str(tmp_path / "alembic.ini") in message
+    for name in VALID_NAMES:
+        assert name in message
+
+
+def test_unknown_lock_x_option_lists_the_valid_x_names(tmp_path: Path) -> None:
+    config = make_config(tmp_path, x=["lock_foo=1"])
+
+    with pytest.raises(ConfigurationError) as caught:
+        resolve_policy(config)
+
+    message = str(caught.value)
+    assert "lock_foo" in message
+    for name in VALID_NAMES:
+        assert f"lock_{name}" in message
+
+
+def test_unknown_keyword_argument_lists_the_valid_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        resolve_policy(make_config(tmp_path), {"timeout": 3})
+
+    assert "timeout" in str(caught.value)
+    for name in VALID_NAMES:
+        assert name in str(caught.value)
+
+
+# End to end: the stock alembic CLI and upgrade() ---------------------------------------
+
+
+def test_bad_x_option_fails_the_cli_cleanly_before_any_file_exists(project: Project) -> None:
+    result = project.alembic("-x", "lock_deadline_s=abc", "upgrade", "head")
+
+    assert result.returncode != 0
+    # Alembic prints "FAILED: <message>" on stdout and logs the message on stderr.
+    assert "FAILED:" in result.stdout, output(result)
+    assert "lock_deadline_s" in result.stdout
+    assert "lock_deadline_s" in result.stderr
+    assert "Traceback" not in output(result)
+    assert_nothing_created(project)
+
+
+def test_unknown_lock_x_option_fails_the_cli_listing_valid_names(project: Project) -> None:
+    result = project.alembic("-x", "lock_foo=1", "upgrade", "head")
+
+    assert result.returncode != 0
+    assert "FAILED:" in result.stdout, output(result)
+    assert "lock_foo" in result.stdout
+    assert "lock_deadline_s" in result.stdout
+    assert "Traceback" not in output(result)
+    assert_nothing_created(project)
+
+
+def test_bad_ini_value_fails_the_cli_naming_the_setting_and_the_file(project: Project) -> None:
+    set_in_ini(project, "max_attempts = -1")
+
+    result = project.alembic("upgrade", "head")
+
+    assert result.returncode != 0
+    assert "FAILED:" in result.stdout, output(result)
+    assert "max_attempts" in result.stdout
+    assert str(project.ini) in result.stdout
+    assert "Traceback" not in output(result)
+    assert_nothing_created(project)
+
+
+def test_unknown_ini_key_fails_the_cli_listing_valid_names(project: Project) -> None:
+    set_in_ini(project, "retries = 3")
+
+    result = project.alembic("upgrade", "head")
+
+    assert result.returncode != 0
+    assert "FAILED:" in result.stdout, output(result)
+    assert "retries" in result.stdout
+    for name in VALID_NAMES:
+        assert name in result.stdout
+    assert_nothing_created(project)
+
+
+def test_other_x_options_do_not_disturb_the_cli(project: Project) -> None:
+    result = project.alembic("-x", "tenant=acme", "-x", "lock_max_attempts=3", "upgrade", "head")
+
+    assert result.returncode == 0, output(result)
+    assert project.version() == ["0008"]
+
+
+def test_upgrade_with_a_bad_keyword_raises_before_anything_is_created(project: Project) -> None:
+    with pytest.raises(ConfigurationError, match="deadline_s"):
+        alembic_sqlite_lock.upgrade(project.ini, deadline_s=-5)
+    assert_nothing_created(project)
+
+    with pytest.raises(ConfigurationError, match="lock_timeout") as caught:
+        alembic_sqlite_lock.upgrade(project.ini, lock_timeout=5)
+    assert "deadline_s" in str(caught.value)
+    assert_nothing_created(project)
+
+
+@contextmanager
+def write_lock_held(db: Path) -> Iterator[None]:
+    """Another connection holds SQLite's write lock: every lock attempt fails at once."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        holder.close()
+
+
+# Retry at once, give up at once: the attempt count in LockTimeout shows who won.
+NO_WAITING = "busy_timeout_s = 0\nbase_delay_s = 0\njitter_s = 0\nmax_attempts = 2"
+
+
+def test_precedence_end_to_end_through_the_cli(project: Project) -> None:
+    set_in_ini(project, NO_WAITING)
+    with write_lock_held(project.db):
+        from_ini = project.alembic("upgrade", "head")
+        from_x = project.alembic("-x", "lock_max_attempts=3", "upgrade", "head")
+
+    assert from_ini.returncode != 0
+    assert "after 2 attempts" in from_ini.stdout, output(from_ini)
+    assert from_x.returncode != 0
+    assert "after 3 attempts" in from_x.stdout, output(from_x)
+    assert project.version() == []
+
+
+def test_precedence_end_to_end_through_upgrade(project: Project) -> None:
+    set_in_ini(project, NO_WAITING)
+    config = Config(str(project.ini), cmd_opts=argparse.Namespace(x=["lock_max_attempts=3"]))
+    with write_lock_held(project.db):
+        with pytest.raises(LockTimeout) as from_x:
+            alembic_sqlite_lock.upgrade(config)
+        with pytest.raises(LockTimeout) as from_kwarg:
+            alembic_sqlite_lock.upgrade(config, max_attempts=4)
+
+    assert from_x.value.attempts == 3
+    assert from_kwarg.value.attempts == 4
+    assert project.version() == []
+
+
+# Known gaps: a bad setting that does not fail cleanly ----------------------------------
+
+
+def test_bad_x_option_fails_offline_too(project: Project) -> None:
+    result = project.alembic("-x", "lock_deadline_s=abc", "upgrade", "head", "--sql")
+
+    assert result.returncode != 0
+    assert "lock_deadline_s" in result.stdout
+
+
+def test_upgrade_offline_rejects_a_bad_keyword(project: Project) -> None:
+    with pytest.raises(ConfigurationError, match="deadline_s"):
+        alembic_sqlite_lock.upgrade(project.ini, sql=True, deadline_s="abc")
+
+
+def test_percent_sign_in_the_ini_section_is_a_clean_error(project: Project) -> None:
+    set_in_ini(project, "deadline_s = 50%")
+
+    result = project.alembic("upgrade", "head")
+
+    assert result.returncode != 0
+    assert "FAILED:" in result.stdout, output(result)
+    assert "deadline_s" in result.stdout
+    assert "Traceback" not in output(result)

@@ -255,3 +255,33 @@ def test_a_foreign_keys_pragma_inside_the_run_warns_and_loses_no_child_row(
     assert all(w.startswith("Migration 0008 (users get a display name) runs") for w in warnings)
     assert project.count("posts") == 1
     assert project.version() == ["0008"]
+
+
+# Scale --------------------------------------------------------------------------------
+
+
+def test_a_long_chain_with_a_big_backfill(tmp_path: Path) -> None:
+    """200 generated revisions, one backfilling 100,000 rows, with 4 workers at once."""
+    from conftest import make_project
+
+    make_project(tmp_path)
+    project = Project(tmp_path)
+    for old in project.versions.glob("*.py"):
+        old.unlink()
+    project.add_revision("r001", None, 'op.execute("CREATE TABLE items (id INTEGER PRIMARY '
+                         'KEY, n INTEGER NOT NULL, tag TEXT)")')
+    project.add_revision(
+        "r002", "r001",
+        'op.execute("WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq '
+        'WHERE n < 100000) INSERT INTO items (n) SELECT n FROM seq")',
+    )
+    for number in range(3, 201):
+        body = (f'op.execute("UPDATE items SET tag = \'batch{number}\' WHERE n % 200 = {number}")'
+                if number % 2 else f'op.execute("CREATE TABLE t{number} (id INTEGER)")')
+        project.add_revision(f"r{number:03}", f"r{number - 1:03}", body)
+
+    applied = upgrade_together(project, "upgrade", "head", workers=4)
+
+    assert Counter(applied) == Counter(f"r{n:03}" for n in range(1, 201))
+    assert project.version() == ["r200"]
+    assert project.count("items") == 100_000

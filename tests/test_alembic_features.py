@@ -285,3 +285,44 @@ def test_a_long_chain_with_a_big_backfill(tmp_path: Path) -> None:
     assert Counter(applied) == Counter(f"r{n:03}" for n in range(1, 201))
     assert project.version() == ["r200"]
     assert project.count("items") == 100_000
+
+
+def _upgrade_with_attached_version_schema(ini: str, meta_db: str, barrier: object) -> None:
+    import sqlalchemy as sa
+    from alembic.config import Config
+
+    engine = sa.create_engine(f"sqlite:///{Path(ini).parent / 'app.db'}")
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f"ATTACH DATABASE '{meta_db}' AS meta")
+        connection.commit()  # SQLAlchemy began a transaction for the ATTACH
+        config = Config(ini)
+        config.attributes["connection"] = connection
+        barrier.wait()  # type: ignore[attr-defined]
+        alembic_sqlite_lock.upgrade(config)
+
+
+def test_version_table_in_an_attached_database(project: Project) -> None:
+    """version_table_schema naming an attached database, 4 processes at once."""
+    import multiprocessing
+
+    env_with(project, "version_table_schema='meta'")
+    meta_db = str(project.root / "meta.db")
+    fork = multiprocessing.get_context("fork")
+    barrier = fork.Barrier(4, timeout=60)
+    procs = [
+        fork.Process(target=_upgrade_with_attached_version_schema,
+                     args=(str(project.ini), meta_db, barrier))
+        for _ in range(4)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0] * 4
+    assert "alembic_version" not in project.tables()
+    conn = sqlite3.connect(meta_db)
+    try:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0008",)]
+    finally:
+        conn.close()
+    assert project.count("data_migrations") == 1

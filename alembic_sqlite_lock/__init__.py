@@ -12,10 +12,15 @@ At app start-up::
     import alembic_sqlite_lock
 
     alembic_sqlite_lock.upgrade("alembic.ini")
+
+In an async app's lifespan::
+
+    await alembic_sqlite_lock.upgrade_async("alembic.ini")
 """
 
 import logging
 
+from ._aio import upgrade_async
 from ._commands import downgrade, stamp, upgrade
 from ._env import run_migrations
 from ._errors import (
@@ -40,6 +45,7 @@ __all__ = [
     "run_migrations",
     "stamp",
     "upgrade",
+    "upgrade_async",
 ]
 
 # A library never configures logging; the NullHandler keeps Python from printing

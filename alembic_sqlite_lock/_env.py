@@ -19,23 +19,21 @@ transaction makes it an "external" transaction that Alembic leaves alone.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext, MigrationStep, RevisionStep
 from sqlalchemy import exc
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 
-from . import _sqlite
+from ._backend import Backend, RunOptions, describe_url, open_backend
 from ._errors import ConfigurationError, MigrationError, MigrationLockError, RollbackFailed
-from ._retry import LockBusy, RetryPolicy, acquire
-from ._runlock import RunLock, lock_path_for
-from ._settings import resolve_policy
+from ._retry import RetryPolicy, acquire
+from ._settings import resolve_settings
+
+__all__ = ["STATE_KEY", "RunState", "StepsFn", "describe_url", "run_migrations"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,135 +106,32 @@ def _run_offline(env: EnvironmentContext, kwargs: dict[str, Any]) -> None:
         env.run_migrations()
 
 
-def describe_url(url: Any) -> str:
-    """A URL fit for logs and errors: the password is never shown."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except exc.ArgumentError:
-        return "<unparseable URL>"
-
-
-class _Connections(Protocol):
-    """Where the run's connections come from: our own engine, or one handed in."""
-
-    url: str
-
-    def reading(self) -> Any: ...
-    def database_path(self) -> str: ...
-    def try_lock(self, busy_timeout_s: float) -> Connection: ...
-    def release(self, connection: Connection) -> None: ...
-    def close(self) -> None: ...
-
-
-class _OwnEngine:
-    """A NullPool engine made from alembic.ini: a new connection for every attempt."""
-
-    def __init__(self, env: EnvironmentContext) -> None:
-        config = env.config
-        section = config.get_section(config.config_ini_section, {})
-        raw_url = section.get("sqlalchemy.url")
-        if not raw_url:
-            msg = (
-                f"No sqlalchemy.url in the [{config.config_ini_section}] section of "
-                f"{config.config_file_name}. Set it to the SQLite database to migrate, "
-                "for example sqlalchemy.url = sqlite:///%(here)s/app.db"
-            )
-            raise ConfigurationError(msg)
-        self.url = describe_url(raw_url)
-        _require_sqlite(raw_url, self.url)
-        self.engine = _sqlite.create_engine(section)
-
-    @contextmanager
-    def reading(self) -> Iterator[Connection]:
-        with self.engine.connect() as connection:
-            yield connection.execution_options(**{_sqlite.READ_ONLY_OPTION: True})
-
-    def database_path(self) -> str:
-        with self.engine.connect() as connection:
-            return _sqlite.database_path(connection)
-
-    def try_lock(self, busy_timeout_s: float) -> Connection:
-        try:
-            connection = self.engine.connect()
-        except exc.OperationalError as error:
-            if _sqlite.is_busy(error):
-                raise LockBusy(str(error)) from error
-            raise
-        try:
-            _sqlite.begin_write(connection, busy_timeout_s, owned=True)
-        except BaseException:
-            connection.close()
-            raise
-        return connection
-
-    def release(self, connection: Connection) -> None:
-        connection.close()
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-
-class _HandedIn:
-    """``config.attributes["connection"]``: used as it is, locked the same way."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.url = describe_url(connection.engine.url)
-        _require_sqlite(connection.engine.url, self.url)
-        if connection.in_transaction():
-            msg = (
-                f"The connection handed to env.py in config.attributes['connection'] "
-                f"({self.url}) is already inside a transaction. The migration must start "
-                "its own transaction to take the lock: commit or roll back first, or "
-                "hand in a fresh connection (engine.connect())."
-            )
-            raise ConfigurationError(msg)
-        self.connection = connection
-        self._restore = _sqlite.foreign_connection_guard(connection)
-
-    @contextmanager
-    def reading(self) -> Iterator[Connection]:
-        yield self.connection
-
-    def database_path(self) -> str:
-        return _sqlite.database_path(self.connection)
-
-    def try_lock(self, busy_timeout_s: float) -> Connection:
-        _sqlite.begin_write(self.connection, busy_timeout_s, owned=False)
-        return self.connection
-
-    def release(self, connection: Connection) -> None:
-        pass
-
-    def close(self) -> None:
-        self._restore()
-
-
-def _require_sqlite(url: Any, shown: str) -> None:
-    if make_url(url).get_backend_name() != "sqlite":
-        msg = (
-            f"alembic-sqlite-lock migrates SQLite databases only, and {shown} is not one. "
-            "Point sqlalchemy.url at a SQLite file (sqlite:///path/app.db), or use "
-            "Alembic's stock env.py for this database."
-        )
-        raise ConfigurationError(msg)
-
-
 class _OnlineRun:
     def __init__(self, env: EnvironmentContext, kwargs: dict[str, Any], state: RunState):
         self.env = env
         self.kwargs = kwargs
         self.state = state
-        self.policy: RetryPolicy = resolve_policy(env.config)
+        settings = resolve_settings(env.config)
+        self.policy: RetryPolicy = settings.policy
+        self.options = RunOptions(
+            policy=settings.policy,
+            lock_key=settings.lock_key,
+            lock_scope=settings.lock_scope,
+            version_table=kwargs.get("version_table") or "alembic_version",
+            version_table_schema=kwargs.get("version_table_schema"),
+        )
         self.command_fn: StepsFn = env.context_opts["fn"]
         # upgrade, downgrade and stamp name a destination; current, check and
         # autogenerate do not, and get no "nothing to do" line.
         self.migrates = "destination_rev" in env.context_opts
-        self.database_path: str | None = None  # as SQLite resolved it, for the run lock
 
     def run(self) -> None:
-        handed_in = self.env.config.attributes.get("connection")
-        source: _Connections = _HandedIn(handed_in) if handed_in is not None else _OwnEngine(
-            self.env
+        config = self.env.config
+        source = open_backend(
+            section=config.get_section(config.config_ini_section, {}),
+            handed_in=config.attributes.get("connection"),
+            options=self.options,
+            where=f"the [{config.config_ini_section}] section of {config.config_file_name}",
         )
         try:
             # purge empties the version table before the command looks at it, which is
@@ -246,12 +141,10 @@ class _OnlineRun:
         finally:
             source.close()
 
-    def _finished_unlocked(self, source: _Connections) -> bool:
+    def _finished_unlocked(self, source: Backend) -> bool:
         """Pass 1: True when the command had nothing to migrate and is done."""
         try:
             with source.reading() as connection:
-                _sqlite.set_busy_timeout(connection, self.policy.busy_timeout_s)
-                self.database_path = _sqlite.database_path(connection)
                 self.env.configure(connection=connection, **self.kwargs)
                 migration_context = self.env.get_context()
                 heads = migration_context.get_current_heads()
@@ -261,14 +154,14 @@ class _OnlineRun:
                     return False
                 connection.commit()
         except exc.DBAPIError as error:
-            if _sqlite.is_busy(error):
+            if source.is_busy(error):
                 return False  # the locked pass waits its turn, with retries
-            raise _database_error(source.url, error) from error
+            raise _database_error(source, error) from error
         if self.migrates:
             logger.info("Database already at %s, nothing to do", _revisions(heads))
         return True
 
-    def _run_locked(self, source: _Connections, *, saw_work: bool) -> None:
+    def _run_locked(self, source: Backend, *, saw_work: bool) -> None:
         progress = _Progress()
         command_fn = self.command_fn
 
@@ -290,46 +183,43 @@ class _OnlineRun:
         self.env.context_opts["fn"] = locked_fn
         try:
             try:
-                if self.database_path is None:
-                    self.database_path = source.database_path()
-                run_lock = RunLock(lock_path_for(self.database_path))
                 connection = acquire(
-                    partial(_lock_both, run_lock, source), self.policy, url=source.url
+                    source.try_lock, self.policy, url=source.url, causes=source.timeout_causes
                 )
             except exc.DBAPIError as error:
-                raise _database_error(source.url, error) from error
+                raise _database_error(source, error) from error
             try:
                 self.env.configure(connection=connection, **self.kwargs)
                 self.env.run_migrations()
-                violations = _sqlite.foreign_key_violations(connection)
-                if violations:
-                    raise _ForeignKeyViolation(violations)
+                source.before_commit(connection)
                 connection.commit()
             except BaseException as error:
                 _rollback(connection, source.url, error)
+                if not source.transactional:
+                    # Each finished revision committed on its own: they are applied.
+                    self._record(progress.done)
+                    progress.now = self._version_after_failure()
                 if isinstance(error, Exception) and not isinstance(error, MigrationLockError):
-                    raise _migration_error(source.url, progress, error) from error
+                    raise _migration_error(source, progress, error) from error
                 raise
             finally:
                 source.release(connection)
-                run_lock.release()  # after COMMIT: the next worker finds SQLite's lock free
         finally:
             self.env.context_opts["fn"] = command_fn
-        for step in progress.done:
+        self._record(progress.done)
+
+    def _version_after_failure(self) -> str:
+        """What the version table says now, for the error message; never raises."""
+        try:
+            return _revisions(self.env.get_context().get_current_heads())
+        except Exception as error:
+            logger.debug("Could not read the version after the failure: %s", error)
+            return "unknown (it could not be read)"
+
+    def _record(self, done: list[Any]) -> None:
+        for step in done:
             logger.info("%s: %s", _verb(step, done=True), _revision_of(step))
             self.state.applied.append(_revision_of(step))
-
-
-def _lock_both(run_lock: RunLock, source: _Connections, busy_timeout_s: float) -> Connection:
-    """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""
-    started = time.monotonic()
-    if not run_lock.acquire(busy_timeout_s):
-        raise LockBusy(f"{run_lock.path} is held by another worker")
-    try:
-        return source.try_lock(max(0.0, busy_timeout_s - (time.monotonic() - started)))
-    except BaseException:
-        run_lock.release()
-        raise
 
 
 @dataclass
@@ -337,12 +227,8 @@ class _Progress:
     before: tuple[str, ...] = ()
     running: Any = None
     done: list[Any] = field(default_factory=list)
-
-
-class _ForeignKeyViolation(Exception):
-    def __init__(self, violations: list[str]) -> None:
-        shown = "; ".join(violations[:5]) + (" ..." if len(violations) > 5 else "")
-        super().__init__(f"{len(violations)} row(s) break a foreign key: {shown}")
+    now: str = ""
+    """Non-transactional databases: the version after a failure."""
 
 
 def _rollback(connection: Connection, url: str, error: BaseException) -> None:
@@ -363,7 +249,8 @@ def _rollback(connection: Connection, url: str, error: BaseException) -> None:
         raise RollbackFailed(msg, url=url) from rollback_error
 
 
-def _migration_error(url: str, progress: _Progress, error: Exception) -> MigrationError:
+def _migration_error(source: Backend, progress: _Progress, error: Exception) -> MigrationError:
+    url = source.url
     before = _revisions(progress.before)
     if progress.running is not None:
         what = f"Migration {_describe(progress.running)} failed on {url}"
@@ -371,17 +258,27 @@ def _migration_error(url: str, progress: _Progress, error: Exception) -> Migrati
     else:
         what = f"The migration run on {url} failed before it could commit"
         revision = None
+    if source.transactional:
+        outcome = f"The whole run was rolled back; the database is still at {before}."
+    else:
+        outcome = (
+            f"This database commits each DDL statement on its own, so the run could not "
+            f"be rolled back as a whole: the revisions before the failing one are applied "
+            f"and the version table says {progress.now}; statements of the failing revision that "
+            "ran before the error are applied too. Check them and undo them by hand if "
+            "needed."
+        )
     msg = (
-        f"{what}: {type(error).__name__}: {error}. The whole run was rolled back; the "
-        f"database is still at {before}. Fix the cause and run the upgrade again."
+        f"{what}: {type(error).__name__}: {error}. {outcome} Fix the cause and run the "
+        "upgrade again."
     )
     return MigrationError(msg, url=url, revision=revision)
 
 
-def _database_error(url: str, error: exc.DBAPIError) -> MigrationLockError:
+def _database_error(source: Backend, error: exc.DBAPIError) -> MigrationLockError:
     msg = (
-        f"Could not read the migration state of {url}: {error.orig}. Check that the path "
-        "points at a SQLite database this user can read and write."
+        f"Could not read the migration state of {source.url}: {error.orig}. "
+        f"{source.unreadable_hint}"
     )
     return MigrationLockError(msg)
 

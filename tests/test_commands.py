@@ -351,7 +351,7 @@ def test_handed_in_connection_inside_a_transaction_is_refused(
     assert project.tables() == set()
 
 
-# Not a supported database --------------------------------------------------------------------------
+# Not a supported database -----------------------------------------------------------
 
 
 def test_unsupported_url_is_refused_without_showing_the_password(project: Project) -> None:

@@ -19,18 +19,15 @@ transaction makes it an "external" transaction that Alembic leaves alone.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy import exc
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 
 from . import _sqlite
+from ._backend import Backend, RunOptions, describe_url, open_backend
 from ._errors import ConfigurationError, MigrationLockError, RollbackFailed
 from ._progress import (
     Progress,
@@ -41,10 +38,11 @@ from ._progress import (
     migration_error,
     revisions,
 )
-from ._retry import LockBusy, RetryPolicy, acquire
-from ._runlock import RunLock, lock_path_for
-from ._settings import resolve_policy
+from ._retry import RetryPolicy, acquire
+from ._settings import resolve_settings
 from ._targets import pin_relative_target
+
+__all__ = ["STATE_KEY", "RunState", "describe_url", "run_migrations"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ def run_migrations(
     env.context_opts.update(state.held_opts)
     try:
         kwargs = dict(configure_kwargs, target_metadata=target_metadata)
-        resolve_policy(env.config)  # bad settings fail offline too, naming the setting
+        resolve_settings(env.config)  # bad settings fail offline too, naming the setting
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
@@ -123,139 +121,32 @@ def _run_offline(env: EnvironmentContext, kwargs: dict[str, Any]) -> None:
         env.run_migrations()
 
 
-def describe_url(url: Any) -> str:
-    """A URL fit for logs and errors: the password is never shown."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except exc.ArgumentError:
-        return "<unparseable URL>"
-
-
-class _Connections(Protocol):
-    """Where the run's connections come from: our own engine, or one handed in."""
-
-    url: str
-
-    def reading(self) -> Any: ...
-    def database_path(self) -> str: ...
-    def try_lock(self, busy_timeout_s: float, *, begin: bool) -> Connection: ...
-    def release(self, connection: Connection) -> None: ...
-    def close(self) -> None: ...
-
-
-class _OwnEngine:
-    """A NullPool engine made from alembic.ini: a new connection for every attempt."""
-
-    def __init__(self, env: EnvironmentContext) -> None:
-        config = env.config
-        section = config.get_section(config.config_ini_section, {})
-        raw_url = section.get("sqlalchemy.url")
-        if not raw_url:
-            msg = (
-                f"No sqlalchemy.url in the [{config.config_ini_section}] section of "
-                f"{config.config_file_name}. Set it to the SQLite database to migrate, "
-                "for example sqlalchemy.url = sqlite:///%(here)s/app.db"
-            )
-            raise ConfigurationError(msg)
-        self.url = describe_url(raw_url)
-        _require_sqlite(raw_url, self.url)
-        self.engine = _sqlite.create_engine(section)
-
-    @contextmanager
-    def reading(self) -> Iterator[Connection]:
-        with self.engine.connect() as connection:
-            yield connection.execution_options(**{_sqlite.READ_ONLY_OPTION: True})
-
-    def database_path(self) -> str:
-        with self.engine.connect() as connection:
-            return _sqlite.database_path(connection)
-
-    def try_lock(self, busy_timeout_s: float, *, begin: bool) -> Connection:
-        try:
-            connection = self.engine.connect()
-        except exc.OperationalError as error:
-            if _sqlite.is_busy(error):
-                raise LockBusy(str(error)) from error
-            raise
-        try:
-            _sqlite.set_busy_timeout(connection, busy_timeout_s)
-            if begin:
-                _sqlite.begin_write(connection, busy_timeout_s, owned=True)
-        except BaseException:
-            connection.close()
-            raise
-        return connection
-
-    def release(self, connection: Connection) -> None:
-        connection.close()
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-
-class _HandedIn:
-    """``config.attributes["connection"]``: used as it is, locked the same way."""
-
-    def __init__(self, connection: Connection) -> None:
-        self.url = describe_url(connection.engine.url)
-        _require_sqlite(connection.engine.url, self.url)
-        if connection.in_transaction():
-            msg = (
-                f"The connection handed to env.py in config.attributes['connection'] "
-                f"({self.url}) is already inside a transaction. The migration must start "
-                "its own transaction to take the lock: commit or roll back first, or "
-                "hand in a fresh connection (engine.connect())."
-            )
-            raise ConfigurationError(msg)
-        self.connection = connection
-        self._restore = _sqlite.foreign_connection_guard(connection)
-
-    @contextmanager
-    def reading(self) -> Iterator[Connection]:
-        yield self.connection
-
-    def database_path(self) -> str:
-        return _sqlite.database_path(self.connection)
-
-    def try_lock(self, busy_timeout_s: float, *, begin: bool) -> Connection:
-        _sqlite.set_busy_timeout(self.connection, busy_timeout_s)
-        if begin:
-            _sqlite.begin_write(self.connection, busy_timeout_s, owned=False)
-        return self.connection
-
-    def release(self, connection: Connection) -> None:
-        pass
-
-    def close(self) -> None:
-        self._restore()
-
-
-def _require_sqlite(url: Any, shown: str) -> None:
-    if make_url(url).get_backend_name() != "sqlite":
-        msg = (
-            f"alembic-sqlite-lock migrates SQLite databases only, and {shown} is not one. "
-            "Point sqlalchemy.url at a SQLite file (sqlite:///path/app.db), or use "
-            "Alembic's stock env.py for this database."
-        )
-        raise ConfigurationError(msg)
-
-
 class _OnlineRun:
     def __init__(self, env: EnvironmentContext, kwargs: dict[str, Any], state: RunState):
         self.env = env
         self.kwargs = kwargs
         self.state = state
-        self.policy: RetryPolicy = resolve_policy(env.config)
+        settings = resolve_settings(env.config)
+        self.policy: RetryPolicy = settings.policy
+        self.options = RunOptions(
+            policy=settings.policy,
+            lock_key=settings.lock_key,
+            lock_scope=settings.lock_scope,
+            version_table=kwargs.get("version_table") or "alembic_version",
+            version_table_schema=kwargs.get("version_table_schema"),
+        )
         self.command_fn: StepsFn = env.context_opts["fn"]
         # upgrade, downgrade and stamp name a destination; current, check and
         # autogenerate do not, and get no "nothing to do" line.
         self.migrates = "destination_rev" in env.context_opts
-        self.database_path: str | None = None  # as SQLite resolved it, for the run lock
 
     def run(self) -> None:
-        handed_in = self.env.config.attributes.get("connection")
-        source: _Connections = _HandedIn(handed_in) if handed_in is not None else _OwnEngine(
-            self.env
+        config = self.env.config
+        source = open_backend(
+            section=config.get_section(config.config_ini_section, {}),
+            handed_in=config.attributes.get("connection"),
+            options=self.options,
+            where=f"the [{config.config_ini_section}] section of {config.config_file_name}",
         )
         try:
             # purge empties the version table before the command looks at it, which is
@@ -265,12 +156,10 @@ class _OnlineRun:
         finally:
             source.close()
 
-    def _finished_unlocked(self, source: _Connections) -> bool:
+    def _finished_unlocked(self, source: Backend) -> bool:
         """Pass 1: True when the command had nothing to migrate and is done."""
         try:
             with source.reading() as connection:
-                _sqlite.set_busy_timeout(connection, self.policy.busy_timeout_s)
-                self.database_path = _sqlite.database_path(connection)
                 self.env.configure(connection=connection, **self.kwargs)
                 migration_context = self.env.get_context()
                 heads = migration_context.get_current_heads()
@@ -287,25 +176,22 @@ class _OnlineRun:
                     return False
                 connection.commit()
         except exc.DBAPIError as error:
-            if _sqlite.is_busy(error):
+            if source.is_busy(error):
                 return False  # the locked pass waits its turn, with retries
-            raise _database_error(source.url, error) from error
+            raise _database_error(source, error) from error
         if self.migrates:
             logger.info("Database already at %s, nothing to do", revisions(heads))
         return True
 
-    def _run_locked(self, source: _Connections, *, saw_work: bool) -> None:
-        if self.database_path is None:
-            self.database_path = source.database_path()
-        run_lock = RunLock(lock_path_for(self.database_path))
-        # transaction_per_migration lets Alembic commit after each revision; the run
-        # lock alone then keeps other workers out between revisions, so it needs one.
+    def _run_locked(self, source: Backend, *, saw_work: bool) -> None:
+        # transaction_per_migration lets Alembic commit after each revision; only a
+        # lock that outlives a transaction keeps other workers out between revisions.
         per_migration = bool(self.kwargs.get("transaction_per_migration"))
-        if per_migration and not run_lock.usable:
+        if per_migration and not source.run_long_lock:
             logger.warning(
-                "transaction_per_migration needs the run lock (%s), which cannot be used "
-                "here; running all revisions in one transaction instead",
-                run_lock.path or "no lock file for this database",
+                "transaction_per_migration needs a lock that outlives a transaction, which "
+                "%s cannot have here; running all revisions in one transaction instead",
+                source.url,
             )
             per_migration = False
         progress = Progress()
@@ -315,62 +201,56 @@ class _OnlineRun:
         try:
             try:
                 connection = acquire(
-                    partial(_lock_both, run_lock, source, begin=not per_migration),
+                    lambda timeout_s: source.try_lock(timeout_s, begin=not per_migration),
                     self.policy,
                     url=source.url,
+                    causes=source.timeout_causes,
                 )
             except exc.DBAPIError as error:
-                raise _database_error(source.url, error) from error
-            stop_watching = _sqlite.warn_on_ignored_pragmas(
-                connection, lambda: describe(progress.running) if progress.running else "?"
-            )
+                raise _database_error(source, error) from error
+            stop_watching = _watch_pragmas(connection, progress)
             try:
-                self._migrate(connection)
+                self._migrate(source, connection)
             except BaseException as error:
                 _rollback(connection, source.url, error)
+                if not source.transactional:
+                    # Each finished revision committed on its own there: it is applied.
+                    self.state.applied.extend(log_applied(progress))
                 if isinstance(error, Exception) and not isinstance(error, MigrationLockError):
                     heads_now = _heads_after_rollback(self.env, connection)
-                    raise migration_error(source.url, progress, error, heads_now) from error
+                    raise migration_error(
+                        source.url, progress, error, heads_now, transactional=source.transactional
+                    ) from error
                 raise
             finally:
                 stop_watching()
-                source.release(connection)
-                run_lock.release()  # after COMMIT: the next worker finds SQLite's lock free
+                source.release(connection)  # after COMMIT or ROLLBACK
         finally:
             self.env.context_opts["fn"] = self.command_fn
         self.state.applied.extend(log_applied(progress))
 
-    def _migrate(self, connection: Connection) -> None:
+    def _migrate(self, source: Backend, connection: Connection) -> None:
         """Run the command on a connection that holds the lock, then check and commit."""
         self.env.configure(connection=connection, **self.kwargs)
         migration_context = self.env.get_context()
-        if connection.in_transaction():
+        if connection.in_transaction() and source.run_long_lock:
             # Alembic treats a transaction it did not begin as the caller's and leaves it
             # alone (no COMMIT per revision). autocommit_block() wants to commit "its"
-            # transaction first and begin a new one after: let it see ours. The run
-            # lock keeps other workers out while SQLite's lock is released in the block.
+            # transaction first and begin a new one after: let it see ours. The lock
+            # that outlives the transaction keeps other workers out during the block.
             migration_context._transaction = connection.get_transaction()
         self.env.run_migrations()
-        violations = _sqlite.foreign_key_violations(connection)
-        if violations:
-            raise _ForeignKeyViolation(violations)
+        source.before_commit(connection)
         if connection.in_transaction():
             connection.commit()
 
 
-def _lock_both(
-    run_lock: RunLock, source: _Connections, busy_timeout_s: float, *, begin: bool
-) -> Connection:
-    """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""
-    started = time.monotonic()
-    if not run_lock.acquire(busy_timeout_s):
-        raise LockBusy(f"{run_lock.path} is held by another worker")
-    try:
-        left = max(0.0, busy_timeout_s - (time.monotonic() - started))
-        return source.try_lock(left, begin=begin)
-    except BaseException:
-        run_lock.release()
-        raise
+def _watch_pragmas(connection: Connection, progress: Progress) -> Any:
+    if connection.dialect.name != "sqlite":
+        return lambda: None
+    return _sqlite.warn_on_ignored_pragmas(
+        connection, lambda: describe(progress.running) if progress.running else "?"
+    )
 
 
 def _heads_after_rollback(
@@ -382,14 +262,9 @@ def _heads_after_rollback(
         heads = env.get_context().get_current_heads()
         connection.rollback()
         return heads
-    except Exception:
+    except Exception as error:
+        logger.debug("Could not read the version after the failure: %s", error)
         return None
-
-
-class _ForeignKeyViolation(Exception):
-    def __init__(self, violations: list[str]) -> None:
-        shown = "; ".join(violations[:5]) + (" ..." if len(violations) > 5 else "")
-        super().__init__(f"{len(violations)} row(s) break a foreign key: {shown}")
 
 
 def _rollback(connection: Connection, url: str, error: BaseException) -> None:
@@ -405,14 +280,14 @@ def _rollback(connection: Connection, url: str, error: BaseException) -> None:
         msg = (
             f"A migration on {url} failed ({type(error).__name__}: {error}) and rolling it "
             f"back failed too ({rollback_error}). Stop all workers, check the database "
-            "with `PRAGMA integrity_check` and restore a backup if it is damaged."
+            "(on SQLite: `PRAGMA integrity_check`) and restore a backup if it is damaged."
         )
         raise RollbackFailed(msg, url=url) from rollback_error
 
 
-def _database_error(url: str, error: exc.DBAPIError) -> MigrationLockError:
+def _database_error(source: Backend, error: exc.DBAPIError) -> MigrationLockError:
     msg = (
-        f"Could not read the migration state of {url}: {error.orig}. Check that the path "
-        "points at a SQLite database this user can read and write."
+        f"Could not read the migration state of {source.url}: {error.orig}. "
+        f"{source.unreadable_hint}"
     )
     return MigrationLockError(msg)

@@ -67,10 +67,21 @@ class RollbackFailed(MigrationError):
     """A migration failed and rolling it back failed too; the database needs a look."""
 
 
-def lock_timeout(url: str, attempts: int, waited_s: float) -> LockTimeout:
-    msg = (
+def lock_timeout(
+    url: str, attempts: int, waited_s: float, causes: str | None = None
+) -> LockTimeout:
+    head = (
         f"Could not take the migration lock on {url} after {attempts} attempt"
-        f"{'s' if attempts != 1 else ''} over {waited_s:.1f}s: another connection held "
+        f"{'s' if attempts != 1 else ''} over {waited_s:.1f}s: "
+    )
+    if causes is not None:
+        msg = (
+            f"{head}{causes} If a migration legitimately takes longer, raise deadline_s "
+            "(`-x lock_deadline_s=600`, or the [alembic_sqlite_lock] section of alembic.ini)."
+        )
+        return LockTimeout(msg, url=url, attempts=attempts, waited_s=waited_s)
+    msg = (
+        f"{head}another connection held "
         "a write lock on the database the whole time. Likely causes: another process is "
         "stuck in a migration or a long write transaction (check its logs; `fuser` or "
         "`lsof` on the file shows who has it open); the database file or its directory "

@@ -59,7 +59,12 @@ def log_applied(progress: Progress) -> list[str]:
 
 
 def migration_error(
-    url: str, progress: Progress, error: BaseException, heads_now: tuple[str, ...] | None
+    url: str,
+    progress: Progress,
+    error: BaseException,
+    heads_now: tuple[str, ...] | None,
+    *,
+    transactional: bool = True,
 ) -> MigrationError:
     """The error for a failed run, saying where the database really is now."""
     if progress.running is not None:
@@ -68,7 +73,15 @@ def migration_error(
     else:
         what = f"The migration run on {url} failed before it could commit"
         revision = None
-    if heads_now is None or heads_now == progress.before:
+    if not transactional:
+        where = (
+            "This database commits each DDL statement on its own, so the run could not be "
+            "rolled back as a whole: the revisions before the failing one are applied and "
+            f"the version table says {revisions(heads_now) if heads_now is not None else '?'}"
+            "; statements of the failing revision that ran before the error are applied "
+            "too. Check them and undo them by hand if needed."
+        )
+    elif heads_now is None or heads_now == progress.before:
         where = (
             f"The run was rolled back; the database is still at {revisions(progress.before)}."
         )

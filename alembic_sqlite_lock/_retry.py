@@ -101,11 +101,13 @@ def acquire(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     rng: _Uniform = random,
+    causes: str | None = None,
 ) -> T:
     """Call ``try_lock(busy_timeout_s)`` until it returns, backing off between attempts.
 
     ``try_lock`` raises :class:`LockBusy` when the lock is held elsewhere. Gives up with
     :class:`LockTimeout` after ``max_attempts`` or at ``deadline_s``, whichever is first.
+    ``causes`` replaces the SQLite-specific likely causes in that error's message.
     """
     start = clock()
     attempt = 0
@@ -118,7 +120,7 @@ def acquire(
             pass
         remaining = policy.deadline_s - (clock() - start)
         if attempt >= policy.max_attempts or remaining <= 0:
-            raise lock_timeout(url, attempt, clock() - start)
+            raise lock_timeout(url, attempt, clock() - start, causes)
         delay = min(policy.delay_after(attempt, rng), remaining)
         logger.log(
             retry_log_level(attempt),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import configparser
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from alembic.config import Config
@@ -23,13 +23,54 @@ X_PREFIX = "lock_"
 SETTINGS_KEY = "alembic_sqlite_lock.settings"
 """Where ``upgrade()`` leaves its keyword settings for env.py, in ``Config.attributes``."""
 
+LOCK_SCOPES = ("session", "transaction")
+
+
+@dataclass(frozen=True)
+class LockSettings:
+    """The settings of the server databases' locks (ignored on SQLite)."""
+
+    lock_key: str | None = None
+    """What the lock is keyed on, instead of database, schema and version table.
+    PostgreSQL: a 64-bit integer, or any text (hashed to one). MySQL: the GET_LOCK name."""
+    lock_scope: str = "session"
+    """PostgreSQL: ``session`` (pg_advisory_lock) or ``transaction``
+    (pg_advisory_xact_lock, for PgBouncer in transaction-pooling mode)."""
+
+    def __post_init__(self) -> None:
+        key = self.lock_key
+        if key is not None and (not isinstance(key, str) or not key.strip()):
+            msg = f"Setting lock_key must be a non-empty text or integer, got {key!r}."
+            raise ValueError(msg)
+        if self.lock_scope not in LOCK_SCOPES:
+            msg = (
+                f"Setting lock_scope must be one of {', '.join(LOCK_SCOPES)}, "
+                f"got {self.lock_scope!r}."
+            )
+            raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy: RetryPolicy
+    lock_key: str | None
+    lock_scope: str
+
+
 _TYPES: dict[str, type] = {f.name: (int if f.name == "max_attempts" else float)
                            for f in fields(RetryPolicy)}
+_TYPES.update({f.name: str for f in fields(LockSettings)})
 NAMES = tuple(_TYPES)
+_LOCK_NAMES = frozenset(f.name for f in fields(LockSettings))
 
 
 def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -> RetryPolicy:
-    """Build the RetryPolicy for a run from every source, highest precedence first."""
+    """The RetryPolicy for a run (see :func:`resolve_settings`)."""
+    return resolve_settings(config, overrides).policy
+
+
+def resolve_settings(config: Config, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build the settings for a run from every source, highest precedence first."""
     if overrides is None:
         overrides = config.attributes.get(SETTINGS_KEY, {})
     layers = [
@@ -49,8 +90,10 @@ def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -
             raise ConfigurationError(msg)
         for name, raw in values.items():
             chosen[name] = _convert(name, raw, f"{prefix}{name} ({source})")
+    lock: dict[str, Any] = {name: chosen.pop(name) for name in _LOCK_NAMES if name in chosen}
     try:
-        return RetryPolicy(**chosen)
+        lock_settings = LockSettings(**lock)
+        return Settings(RetryPolicy(**chosen), lock_settings.lock_key, lock_settings.lock_scope)
     except ValueError as exc:
         raise ConfigurationError(f"{exc} Check where it is set: keyword arguments, "
                                  f"-x {X_PREFIX}<name>, or [{SECTION}] in alembic.ini.") from exc
@@ -58,6 +101,8 @@ def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -
 
 def _convert(name: str, raw: Any, where: str) -> Any:
     kind = _TYPES[name]
+    if kind is str:
+        return _convert_text(name, raw, where)
     if isinstance(raw, str):
         text = raw.strip()
         try:
@@ -77,6 +122,18 @@ def _convert(name: str, raw: Any, where: str) -> Any:
     return value
 
 
+def _convert_text(name: str, raw: Any, where: str) -> Any:
+    # lock_key may be given as an int in Python; it is text everywhere else.
+    value: Any = raw.strip() if isinstance(raw, str) else raw
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    try:
+        LockSettings(**{name: value})
+    except ValueError as exc:
+        raise ConfigurationError(str(exc).replace(f"Setting {name}", f"Setting {where}")) from exc
+    return value
+
+
 def _x_options(config: Config) -> dict[str, str]:
     """Our ``-x lock_*`` arguments; other ``-x`` arguments belong to the user's env.py."""
     raw = getattr(config.cmd_opts, "x", None) or []
@@ -87,7 +144,11 @@ def _x_options(config: Config) -> dict[str, str]:
             if not sep:
                 msg = f"-x {item} needs a value: -x {key}=<value>."
                 raise ConfigurationError(msg)
-            values[key[len(X_PREFIX):]] = value
+            name = key[len(X_PREFIX):]
+            # Settings named lock_* read naturally as -x lock_key=... as well.
+            if name not in _TYPES and key in _TYPES:
+                name = key
+            values[name] = value
     return values
 
 

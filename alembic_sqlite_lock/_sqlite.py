@@ -16,14 +16,19 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from ._retry import LockBusy
+from ._backend import describe_url
+from ._errors import ConfigurationError
+from ._retry import LockBusy, RetryPolicy
+from ._runlock import RunLock, lock_path_for
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +193,156 @@ def _dbapi(connection: Connection) -> sqlite3.Connection:
     driver = connection.connection.driver_connection
     assert isinstance(driver, sqlite3.Connection), "a pysqlite connection is required"
     return driver
+
+
+class _Source:
+    """The SQLite backend: SQLite's write lock, behind the run lock on its file."""
+
+    transactional = True
+    unreadable_hint = (
+        "Check that the path points at a SQLite database this user can read and write."
+    )
+    timeout_causes: str | None = None
+
+    url: str
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.database_path: str | None = None  # as SQLite resolved it, for the run lock
+        self._run_lock: RunLock | None = None
+
+    def is_busy(self, error: BaseException) -> bool:
+        return is_busy(error)
+
+    def _note_path(self, connection: Connection) -> None:
+        set_busy_timeout(connection, self.policy.busy_timeout_s)
+        self.database_path = database_path(connection)
+
+    def _database_path(self) -> str:
+        raise NotImplementedError
+
+    def _begin(self, busy_timeout_s: float, *, begin: bool) -> Connection:
+        raise NotImplementedError
+
+    def _lock_path(self) -> str | None:
+        if self.database_path is None:
+            self.database_path = self._database_path()
+        return lock_path_for(self.database_path)
+
+    @property
+    def run_long_lock(self) -> bool:
+        return RunLock(self._lock_path()).usable
+
+    def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
+        """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""
+        run_lock = RunLock(self._lock_path())
+        started = time.monotonic()
+        if not run_lock.acquire(timeout_s):
+            raise LockBusy(f"{run_lock.path} is held by another worker")
+        try:
+            left = max(0.0, timeout_s - (time.monotonic() - started))
+            connection = self._begin(left, begin=begin)
+        except BaseException:
+            run_lock.release()
+            raise
+        self._run_lock = run_lock
+        return connection
+
+    def before_commit(self, connection: Connection) -> None:
+        violations = foreign_key_violations(connection)
+        if violations:
+            raise ForeignKeyViolation(violations)
+
+    def _release_run_lock(self) -> None:
+        run_lock, self._run_lock = self._run_lock, None
+        if run_lock is not None:
+            run_lock.release()  # after COMMIT: the next worker finds SQLite's lock free
+
+
+class OwnEngine(_Source):
+    """A NullPool engine made from alembic.ini: a new connection for every attempt."""
+
+    def __init__(self, section: Mapping[str, str], policy: RetryPolicy) -> None:
+        super().__init__(policy)
+        self.url = describe_url(section["sqlalchemy.url"])
+        self.engine = create_engine(section)
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with self.engine.connect() as raw:
+            connection = raw.execution_options(**{READ_ONLY_OPTION: True})
+            self._note_path(connection)
+            yield connection
+
+    def _database_path(self) -> str:
+        with self.engine.connect() as connection:
+            return database_path(connection)
+
+    def _begin(self, busy_timeout_s: float, *, begin: bool) -> Connection:
+        try:
+            connection = self.engine.connect()
+        except exc.OperationalError as error:
+            if is_busy(error):
+                raise LockBusy(str(error)) from error
+            raise
+        try:
+            set_busy_timeout(connection, busy_timeout_s)
+            if begin:
+                begin_write(connection, busy_timeout_s, owned=True)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def release(self, connection: Connection) -> None:
+        try:
+            connection.close()
+        finally:
+            self._release_run_lock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class HandedIn(_Source):
+    """``config.attributes["connection"]``: used as it is, locked the same way."""
+
+    def __init__(self, connection: Connection, policy: RetryPolicy) -> None:
+        super().__init__(policy)
+        self.url = describe_url(connection.engine.url)
+        if connection.in_transaction():
+            msg = (
+                f"The connection handed to env.py in config.attributes['connection'] "
+                f"({self.url}) is already inside a transaction. The migration must start "
+                "its own transaction to take the lock: commit or roll back first, or "
+                "hand in a fresh connection (engine.connect())."
+            )
+            raise ConfigurationError(msg)
+        self.connection = connection
+        self._restore = foreign_connection_guard(connection)
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        self._note_path(self.connection)
+        yield self.connection
+
+    def _database_path(self) -> str:
+        return database_path(self.connection)
+
+    def _begin(self, busy_timeout_s: float, *, begin: bool) -> Connection:
+        set_busy_timeout(self.connection, busy_timeout_s)
+        if begin:
+            begin_write(self.connection, busy_timeout_s, owned=False)
+        return self.connection
+
+    def release(self, connection: Connection) -> None:
+        self._release_run_lock()
+
+    def close(self) -> None:
+        self._restore()
+
+
+class ForeignKeyViolation(Exception):
+    def __init__(self, violations: list[str]) -> None:
+        shown = "; ".join(violations[:5]) + (" ..." if len(violations) > 5 else "")
+        super().__init__(f"{len(violations)} row(s) break a foreign key: {shown}")

@@ -351,21 +351,23 @@ def test_handed_in_connection_inside_a_transaction_is_refused(
     assert project.tables() == set()
 
 
-# Not SQLite --------------------------------------------------------------------------
+# Not a supported database -----------------------------------------------------------
 
 
-def test_non_sqlite_url_is_refused_without_showing_the_password(project: Project) -> None:
+def test_unsupported_url_is_refused_without_showing_the_password(project: Project) -> None:
     ini = project.ini.read_text()
     assert "sqlalchemy.url = sqlite:///%(here)s/app.db" in ini
     project.ini.write_text(ini.replace(
         "sqlalchemy.url = sqlite:///%(here)s/app.db",
-        "sqlalchemy.url = postgresql://u:secret@h/db",
+        "sqlalchemy.url = oracle://u:secret@h/db",
     ))
 
     result = project.alembic("upgrade", "head")
 
     assert result.returncode != 0
-    assert "FAILED: alembic-sqlite-lock migrates SQLite databases only" in result.stdout
+    assert "FAILED: alembic-sqlite-lock migrates sqlite, postgresql, mysql and mariadb" in (
+        result.stdout
+    )
     assert "Traceback" not in output(result)
     assert "secret" not in output(result)
     with pytest.raises(ConfigurationError) as caught:

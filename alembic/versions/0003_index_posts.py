@@ -18,4 +18,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if op.get_context().dialect.name in ("mysql", "mariadb"):
+        # MySQL uses this index for the posts.author_id foreign key and refuses to drop
+        # it while no other index can serve: give the key its own index first.
+        op.create_index("ix_posts_author_id", "posts", ["author_id"])
     op.drop_index("ix_posts_author_created", table_name="posts")

@@ -1,0 +1,156 @@
+"""One small interface per database, chosen by the URL's dialect name.
+
+The orchestrator (``_env``) runs the same two passes everywhere: a look at the version
+without the lock, then a locked run. What differs per database is how a connection is
+made, how the lock is taken and released, and what a failure leaves behind:
+
+* SQLite (``_sqlite``): SQLite's own write lock, BEGIN IMMEDIATE, plus a run lock file.
+* PostgreSQL (``_postgresql``): an advisory lock keyed by database, schema and version
+  table; the whole run is one transaction.
+* MySQL / MariaDB (``_mysql``): ``GET_LOCK`` on a dedicated connection; each revision
+  commits on its own because DDL commits implicitly there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sqlalchemy import exc
+from sqlalchemy.engine import Connection, make_url
+
+from ._errors import ConfigurationError
+from ._retry import RetryPolicy
+
+
+class Backend(Protocol):
+    """What the orchestrator needs from a database."""
+
+    url: str
+    """The URL with its password hidden: the only form logs and errors may show."""
+    transactional: bool
+    """True when the locked run is one transaction: a failure leaves the previous revision."""
+    unreadable_hint: str
+    """Appended to the error when the version cannot be read at all."""
+    timeout_causes: str | None
+    """What a LockTimeout on this database most likely means (None: the SQLite text)."""
+
+    @property
+    def run_long_lock(self) -> bool:
+        """The lock outlives a transaction: a run may commit midway (autocommit blocks,
+        transaction_per_migration) and still keep every other worker out."""
+        ...
+
+    def reading(self) -> AbstractContextManager[Connection]:
+        """A connection for the unlocked look at the version."""
+        ...
+
+    def is_busy(self, error: BaseException) -> bool:
+        """The unlocked look hit a lock: the locked pass will wait its turn instead."""
+        ...
+
+    def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
+        """One attempt: return the migration connection with the lock held, waiting at
+        most ``timeout_s``; raise ``LockBusy`` when another worker kept the lock.
+        ``begin=False`` (transaction_per_migration) asks for no transaction around the
+        run where the backend would otherwise begin one.
+
+        A connection returned inside a transaction runs the whole run in it (Alembic
+        sees an external transaction); one returned outside a transaction gets
+        Alembic's own transaction handling for the dialect.
+        """
+        ...
+
+    def before_commit(self, connection: Connection) -> None:
+        """Checks that must pass before the run commits (raise to roll back)."""
+        ...
+
+    def release(self, connection: Connection) -> None:
+        """Release the lock and the connection; called after COMMIT or ROLLBACK."""
+        ...
+
+    def close(self) -> None:
+        """End of the run: dispose of engines, restore a handed-in connection."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Everything a backend is built from."""
+
+    policy: RetryPolicy
+    lock_key: str | None
+    lock_scope: str
+    version_table: str
+    version_table_schema: str | None
+
+
+def describe_url(url: Any) -> str:
+    """A URL fit for logs and errors: the password is never shown."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return "<unparseable URL>"
+
+
+SUPPORTED = "sqlite, postgresql, mysql and mariadb"
+
+
+def open_backend(
+    *,
+    section: Mapping[str, str] | None,
+    handed_in: Connection | None,
+    options: RunOptions,
+    where: str,
+) -> Backend:
+    """The backend for the run's database.
+
+    ``section`` is the alembic.ini section with ``sqlalchemy.url`` (when no connection
+    was handed in); ``where`` names it for the error when the URL is missing.
+    """
+    if handed_in is not None:
+        raw_url: Any = handed_in.engine.url
+    else:
+        raw_url = (section or {}).get("sqlalchemy.url")
+        if not raw_url:
+            msg = (
+                f"No sqlalchemy.url in {where}. Set it to the database to migrate, for "
+                "example sqlalchemy.url = sqlite:///%(here)s/app.db"
+            )
+            raise ConfigurationError(msg)
+    shown = describe_url(raw_url)
+    try:
+        name = make_url(raw_url).get_backend_name()
+    except exc.ArgumentError:
+        name = ""
+    if name == "sqlite":
+        from . import _sqlite
+
+        if handed_in is not None:
+            return _sqlite.HandedIn(handed_in, options.policy)
+        assert section is not None
+        return _sqlite.OwnEngine(section, options.policy)
+    if name in ("postgresql", "mysql", "mariadb"):
+        if handed_in is not None:
+            msg = (
+                f"A connection handed to env.py in config.attributes['connection'] "
+                f"({shown}) is supported on SQLite only for now. Let the run make its own "
+                "connections from sqlalchemy.url in alembic.ini."
+            )
+            raise ConfigurationError(msg)
+        assert section is not None
+        if name == "postgresql":
+            from . import _postgresql
+
+            return _postgresql.PostgresBackend(section, options)
+        from . import _mysql
+
+        return _mysql.MySQLBackend(section, options)
+    msg = (
+        f"alembic-sqlite-lock migrates {SUPPORTED} databases, and {shown} is none of "
+        "them. Point sqlalchemy.url at a supported database, or use Alembic's stock "
+        "env.py for this one."
+    )
+    raise ConfigurationError(msg)

@@ -1,0 +1,189 @@
+"""MySQL and MariaDB: ``GET_LOCK`` on a dedicated connection.
+
+MySQL commits implicitly before and after every DDL statement, so no transaction can
+hold a migration run together, and a lock tied to the migration's transaction would be
+let go by the first CREATE TABLE. ``GET_LOCK`` is a named lock owned by a *session*: it
+is taken on a connection of its own that does nothing else, held while another
+connection runs the migrations, and released with ``RELEASE_LOCK`` on every way out.
+When the worker dies its lock connection closes and the server frees the lock.
+
+The migrations run with Alembic's normal handling for this dialect: each revision in
+its own transaction, together with its version-row update. A failing revision leaves
+the revisions before it applied (the version row names the last of them), plus any DDL
+statements of the failing revision that ran before the error.
+
+The lock name is server-wide, so it includes the database (schema) and version table;
+the ``lock_key`` setting replaces it (64 characters at most).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from sqlalchemy import exc, text
+from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
+from sqlalchemy.pool import NullPool
+
+from ._backend import RunOptions, describe_url
+from ._errors import ConfigurationError, MigrationLockError
+from ._retry import LockBusy
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME = 64  # GET_LOCK's limit on the name, in characters
+_PREFIX = "alembic_sqlite_lock:"
+
+
+def lock_name(database: str, version_table: str) -> str:
+    name = f"{_PREFIX}{database}.{version_table}"
+    if len(name) > MAX_NAME:
+        name = _PREFIX + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
+    return name
+
+
+def migration_url(url: str | URL) -> URL:
+    """``mysql://`` / ``mariadb://`` mean PyMySQL when it is installed (our ``[mysql]``)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("mysql", "mariadb") and importlib.util.find_spec("pymysql"):
+        parsed = parsed.set(drivername=f"{parsed.drivername}+pymysql")
+    return parsed
+
+
+def create_engine(section: Mapping[str, str]) -> Engine:
+    options = dict(section)
+    options["sqlalchemy.url"] = migration_url(options["sqlalchemy.url"]).render_as_string(
+        hide_password=False
+    )
+    try:
+        return engine_from_config(options, prefix="sqlalchemy.", poolclass=NullPool)
+    except ImportError as error:
+        msg = (
+            f"The database driver for {describe_url(section['sqlalchemy.url'])} is not "
+            f"installed ({error}). Install it with: pip install 'alembic-sqlite-lock[mysql]'"
+        )
+        raise ConfigurationError(msg) from error
+
+
+class MySQLBackend:
+    transactional = False
+    unreadable_hint = (
+        "Check that the server is up and reachable, that the database named in the URL "
+        "exists, and that this user may connect to it."
+    )
+
+    def __init__(self, section: Mapping[str, str], options: RunOptions) -> None:
+        self.url = describe_url(section["sqlalchemy.url"])
+        if options.lock_key:
+            if len(options.lock_key) > MAX_NAME:
+                msg = (
+                    f"Setting lock_key is the GET_LOCK name on MySQL and may have at most "
+                    f"{MAX_NAME} characters, got {len(options.lock_key)}."
+                )
+                raise ConfigurationError(msg)
+            self.name = options.lock_key
+        else:
+            database = options.version_table_schema or make_url(
+                section["sqlalchemy.url"]
+            ).database or ""
+            self.name = lock_name(database, options.version_table)
+        self.engine = create_engine(section)
+        self.timeout_causes: str | None = (
+            f"another connection held GET_LOCK('{self.name}') the whole time. Likely "
+            "causes: another worker is stuck in a long migration. `SELECT "
+            f"IS_USED_LOCK('{self.name}')` gives the holder's connection id; SHOW "
+            "PROCESSLIST shows what it does; KILL <id> ends it and frees the lock."
+        )
+        self._held: dict[int, tuple[Connection, int]] = {}
+        self._logged = False
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with self.engine.connect() as connection:
+            yield connection
+
+    def is_busy(self, error: BaseException) -> bool:
+        return False
+
+    run_long_lock = True
+    """GET_LOCK lives on its own connection, whatever the migration commits."""
+
+    def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
+        if not self._logged:
+            self._logged = True
+            logger.info("MySQL lock name %r (GET_LOCK on a dedicated connection)", self.name)
+        # AUTOCOMMIT: the lock connection never holds a transaction open.
+        lock_connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        got = None
+        try:
+            got, holder_id = lock_connection.execute(
+                # A negative timeout would mean "forever"; fractions work on MariaDB
+                # and are rounded by MySQL.
+                text("SELECT GET_LOCK(:name, :timeout), CONNECTION_ID()"),
+                {"name": self.name, "timeout": max(0.0, round(timeout_s, 3))},
+            ).one()
+            if got is None:
+                msg = (
+                    f"GET_LOCK('{self.name}') on {self.url} returned NULL: the server "
+                    "failed to take the lock (out of memory, or the connection was killed "
+                    "while waiting)."
+                )
+                raise MigrationLockError(msg)
+            if int(got) != 1:
+                raise LockBusy(f"GET_LOCK('{self.name}') timed out")
+            migration = self.engine.connect()
+        except BaseException:
+            self._let_go(lock_connection, held=got is not None and int(got) == 1)
+            raise
+        self._held[id(migration)] = (lock_connection, int(holder_id))
+        return migration
+
+    def before_commit(self, connection: Connection) -> None:
+        """The lock must still be ours: its connection could have been killed mid-run."""
+        lock_connection, holder_id = self._held[id(connection)]
+        owner = lock_connection.execute(
+            text("SELECT IS_USED_LOCK(:name)"), {"name": self.name}
+        ).scalar()
+        if owner != holder_id:
+            msg = (
+                f"The migration lock GET_LOCK('{self.name}') on {self.url} was lost during "
+                "the run (its connection was closed or killed); another worker may have "
+                "migrated at the same time. Check the schema and the version table."
+            )
+            raise MigrationLockError(msg)
+
+    def release(self, connection: Connection) -> None:
+        lock_connection, _holder = self._held.pop(id(connection))
+        try:
+            connection.close()
+        finally:
+            self._let_go(lock_connection, held=True)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _let_go(self, lock_connection: Connection, *, held: bool) -> None:
+        try:
+            if held:
+                released = lock_connection.execute(
+                    text("SELECT RELEASE_LOCK(:name)"), {"name": self.name}
+                ).scalar()
+                if released != 1:
+                    logger.warning(
+                        "RELEASE_LOCK('%s') on %s returned %r: the lock was no longer held",
+                        self.name,
+                        self.url,
+                        released,
+                    )
+        except exc.DBAPIError as error:
+            logger.warning(
+                "RELEASE_LOCK('%s') on %s failed (%s); closing its connection frees it",
+                self.name,
+                self.url,
+                error.orig,
+            )
+        finally:
+            lock_connection.close()

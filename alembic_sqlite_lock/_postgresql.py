@@ -1,0 +1,254 @@
+"""PostgreSQL: an advisory lock, held across the version read and every migration.
+
+The key is a stable 64-bit hash of (database, schema, version table), so two apps that
+keep their versions apart never wait on each other; the ``lock_key`` setting replaces
+it. The whole run is ONE transaction: PostgreSQL's DDL is transactional, so a failing
+migration leaves the database at the revision it started from.
+
+Two scopes (setting ``lock_scope``):
+
+* ``session`` (default): ``pg_advisory_lock`` in a short transaction of its own, then
+  the migration transaction on the same session. The server releases the lock when the
+  session ends, including when the worker is killed.
+* ``transaction``: ``pg_advisory_xact_lock`` inside the migration transaction, released
+  by COMMIT or ROLLBACK. For connection poolers in transaction-pooling mode (PgBouncer
+  ``pool_mode = transaction``), where consecutive transactions of one client may run on
+  different server sessions and a session lock would stay behind on one of them.
+  Session scope detects that case: after taking the lock it checks, in the next
+  transaction, that its own session holds it.
+
+Each attempt waits at most its share of the deadline (``lock_timeout`` for just that
+statement), so the retry policy and ``LockTimeout`` work as on SQLite.
+
+A killed worker: its server session ends and the lock with it, but a backend busy in a
+statement notices a vanished client only when the statement ends. The migration
+session sets ``client_connection_check_interval`` (PostgreSQL 14+) so that the server
+checks the socket during long statements too and ends the session within a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from sqlalchemy import exc, text
+from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
+from sqlalchemy.pool import NullPool
+
+from ._backend import RunOptions, describe_url
+from ._errors import ConfigurationError
+from ._retry import LockBusy
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CHECK_INTERVAL_MS = 1000
+"""How often a backend busy in a migration statement checks that its client is alive."""
+
+_LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a lock_timeout expiry
+_INT64 = 1 << 64
+
+
+def key_for(database: str, schema: str, version_table: str) -> int:
+    """The advisory lock key: stable across processes, hosts and Python versions."""
+    return _hash64(f"alembic_sqlite_lock\0{database}\0{schema}\0{version_table}")
+
+
+def key_from_setting(value: str) -> int:
+    """``lock_key``: a signed 64-bit integer as written, or any other text hashed."""
+    try:
+        number = int(value)
+    except ValueError:
+        return _hash64(f"alembic_sqlite_lock\0{value}")
+    if not -(1 << 63) <= number < (1 << 63):
+        msg = f"Setting lock_key must fit PostgreSQL's bigint (64-bit signed), got {value}."
+        raise ConfigurationError(msg)
+    return number
+
+
+def _hash64(text_: str) -> int:
+    digest = hashlib.blake2b(text_.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def migration_url(url: str | URL) -> URL:
+    """``postgresql://`` means psycopg (3) when it is installed (our ``[postgresql]``)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def create_engine(section: Mapping[str, str], extra: str) -> Engine:
+    options = dict(section)
+    options["sqlalchemy.url"] = migration_url(options["sqlalchemy.url"]).render_as_string(
+        hide_password=False
+    )
+    try:
+        return engine_from_config(
+            options,
+            prefix="sqlalchemy.",
+            # A new connection per attempt: a session that waited in vain is closed.
+            poolclass=NullPool,
+            # The version is read after the lock is taken; under REPEATABLE READ the
+            # snapshot could predate the previous holder's commit.
+            isolation_level="READ COMMITTED",
+        )
+    except ImportError as error:
+        msg = (
+            f"The database driver for {describe_url(section['sqlalchemy.url'])} is not "
+            f"installed ({error}). Install it with: pip install 'alembic-sqlite-lock[{extra}]'"
+        )
+        raise ConfigurationError(msg) from error
+
+
+class PostgresBackend:
+    transactional = True
+    unreadable_hint = (
+        "Check that the server is up and reachable, that the database named in the URL "
+        "exists, and that this user may connect to it."
+    )
+    timeout_causes: str | None = (
+        "another session held the migration's advisory lock (its key is logged at start) "
+        "the whole time. Likely causes: another worker is stuck in a long migration, or "
+        "a session that took the lock never ended (a pooler keeping a server connection "
+        "alive: use lock_scope = transaction behind PgBouncer in transaction mode). Find "
+        "the holder with `SELECT pid, state, query FROM pg_stat_activity WHERE pid IN "
+        "(SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)`; "
+        "`SELECT pg_terminate_backend(pid)` ends it and frees the lock."
+    )
+
+    def __init__(self, section: Mapping[str, str], options: RunOptions) -> None:
+        self.url = describe_url(section["sqlalchemy.url"])
+        self.options = options
+        self.session_scope = options.lock_scope == "session"
+        self._key = key_from_setting(options.lock_key) if options.lock_key else None
+        self.engine = create_engine(section, "postgresql")
+        self._logged = False
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with self.engine.connect() as connection:
+            yield connection
+
+    def is_busy(self, error: BaseException) -> bool:
+        return False  # reading the version table never waits on a migration here
+
+    @property
+    def run_long_lock(self) -> bool:
+        # A session lock survives commits; a transaction-level one ends with the first.
+        return self.session_scope
+
+    def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
+        connection = self.engine.connect()
+        try:
+            _check_client(connection)
+            key = self._lock_key(connection)
+            _take(connection, key, timeout_s, session=self.session_scope)
+            if self.session_scope:
+                # The lock is the session's: the migration transaction starts after it,
+                # so its first read sees every commit of the previous holder.
+                connection.commit()
+                self._still_held(connection, key)
+                _check_client(connection)
+        except BaseException:
+            connection.close()  # ends the session: a lock taken in it goes too
+            raise
+        return connection
+
+    def before_commit(self, connection: Connection) -> None:
+        pass
+
+    def release(self, connection: Connection) -> None:
+        try:
+            if self.session_scope and self._key is not None:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+                connection.commit()
+        except exc.DBAPIError as error:
+            logger.debug("pg_advisory_unlock failed (%s); closing the session frees it", error)
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _lock_key(self, connection: Connection) -> int:
+        if self._key is None:
+            database, schema = connection.execute(
+                text("SELECT current_database(), current_schema()")
+            ).one()
+            schema = self.options.version_table_schema or schema or ""
+            self._key = key_for(database, schema, self.options.version_table)
+            where = f"database {database}, schema {schema}, version table " + (
+                self.options.version_table
+            )
+        else:
+            where = f"lock_key setting {self.options.lock_key!r}"
+        if not self._logged:
+            self._logged = True
+            logger.info(
+                "PostgreSQL advisory lock key %d (%s, %s scope)",
+                self._key,
+                where,
+                self.options.lock_scope,
+            )
+        return self._key
+
+    def _still_held(self, connection: Connection, key: int) -> None:
+        """Session scope: the next transaction must run on the session holding the lock."""
+        unsigned = key % _INT64
+        held = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_backend_pid() AND classid::bigint = :hi "
+                "AND objid::bigint = :lo AND objsubid = 1"
+            ),
+            {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
+        ).scalar()
+        if not held:
+            msg = (
+                f"The advisory lock taken on {self.url} is not held by the session the "
+                "migration would run on: the connection goes through a pooler in "
+                "transaction-pooling mode (PgBouncer pool_mode = transaction), where a "
+                "session-level lock is unsafe. Set lock_scope = transaction (in the "
+                "[alembic_sqlite_lock] section of alembic.ini, or -x lock_scope=transaction), "
+                "or connect to PostgreSQL directly. The lock taken may stay held on a "
+                "pooled server connection until the pooler closes it."
+            )
+            raise ConfigurationError(msg)
+
+
+def _check_client(connection: Connection) -> None:
+    """Make the server notice a killed worker even in the middle of a long statement."""
+    if (connection.dialect.server_version_info or (0,)) >= (14,):
+        connection.execute(
+            text("SELECT set_config('client_connection_check_interval', :ms, true)"),
+            {"ms": str(CLIENT_CHECK_INTERVAL_MS)},
+        )
+
+
+def _take(connection: Connection, key: int, timeout_s: float, *, session: bool) -> None:
+    """Take the lock, waiting at most ``timeout_s``; LockBusy when it stayed held."""
+    name = "pg_advisory_lock" if session else "pg_advisory_xact_lock"
+    wait_ms = int(timeout_s * 1000)
+    if wait_ms < 1:
+        # lock_timeout = 0 would mean "wait forever": ask without waiting instead.
+        try_name = name.replace("pg_", "pg_try_", 1)
+        got = connection.execute(text(f"SELECT {try_name}(:key)"), {"key": key}).scalar()
+        if not got:
+            raise LockBusy("the advisory lock is held by another session")
+        return
+    previous = connection.execute(text("SELECT current_setting('lock_timeout')")).scalar()
+    connection.execute(
+        text("SELECT set_config('lock_timeout', :v, true)"), {"v": f"{wait_ms}ms"}
+    )
+    try:
+        connection.execute(text(f"SELECT {name}(:key)"), {"key": key})
+    except exc.DBAPIError as error:
+        if getattr(error.orig, "sqlstate", None) == _LOCK_NOT_AVAILABLE:
+            raise LockBusy(str(error.orig)) from error
+        raise
+    # Back to the session's own lock_timeout for the migration's statements.
+    connection.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": previous})

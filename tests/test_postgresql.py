@@ -1,0 +1,262 @@
+"""PostgreSQL: the advisory lock against the real server at 127.0.0.1:5432.
+
+Each test migrates a database of its own (created and dropped here). Without a server
+the tests skip, except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import DEMO_REVISIONS, run_together
+from servers import (
+    PG_ADMIN,
+    ServerProject,
+    add_sleeping_revision,
+    admin_engine,
+    alembic_popen,
+    applied_lines,
+    server_project,
+    unique,
+    wait_until,
+)
+
+import alembic_sqlite_lock
+from alembic_sqlite_lock import LockTimeout, MigrationError
+from alembic_sqlite_lock._postgresql import key_for
+
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def admin() -> Iterator[sa.Engine]:
+    engine = admin_engine(PG_ADMIN)
+    yield engine
+    engine.dispose()
+
+
+def _create_database(admin: sa.Engine, name: str, owner: str = "postgres") -> None:
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+
+
+def _drop_database(admin: sa.Engine, name: str) -> None:
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database(admin: sa.Engine) -> Iterator[str]:
+    name = unique("alp")
+    _create_database(admin, name)
+    yield name
+    _drop_database(admin, name)
+
+
+@pytest.fixture
+def pg_project(tmp_path: Path, database: str) -> ServerProject:
+    url = sa.make_url(PG_ADMIN).set(drivername="postgresql", database=database)
+    return server_project(tmp_path / "proj", url.render_as_string(hide_password=False))
+
+
+def assert_migrated_once(project: ServerProject) -> None:
+    assert project.version() == ["0008"]
+    assert project.count("data_migrations") == 1
+    assert project.count("tags") == 3
+    assert "post_summaries" in project.tables()
+
+
+@pytest.mark.parametrize("scope", ["session", "transaction"])
+def test_ten_cli_workers_apply_each_migration_once(pg_project: ServerProject,
+                                                   scope: str) -> None:
+    results = run_together(
+        [["alembic", "-c", str(pg_project.ini), "-x", f"lock_scope={scope}",
+          "upgrade", "head"]] * 10,
+        cwd=pg_project.root,
+    )
+
+    for result in results:
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    applied = Counter(rev for r in results for rev in applied_lines(r.stderr))
+    assert applied == Counter(DEMO_REVISIONS)
+    assert len([r for r in results if applied_lines(r.stderr)]) == 1
+    assert_migrated_once(pg_project)
+
+
+def _upgrade_after_barrier(ini: str, barrier: Any, results: Any) -> None:
+    barrier.wait()
+    results.put(alembic_sqlite_lock.upgrade(ini))
+
+
+def test_ten_upgrade_processes_apply_each_migration_once(pg_project: ServerProject) -> None:
+    barrier = FORK.Barrier(10, timeout=60)
+    results = FORK.Queue()
+    procs = [FORK.Process(target=_upgrade_after_barrier,
+                          args=(str(pg_project.ini), barrier, results)) for _ in range(10)]
+    for proc in procs:
+        proc.start()
+    try:
+        applied = [results.get(timeout=120) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+    assert [proc.exitcode for proc in procs] == [0] * 10
+    assert sorted(len(revs) for revs in applied) == [0] * 9 + [8]
+    assert_migrated_once(pg_project)
+
+
+def test_the_key_is_logged_and_stable(pg_project: ServerProject, database: str,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="alembic_sqlite_lock")
+    alembic_sqlite_lock.upgrade(pg_project.ini)
+
+    key = key_for(database, "public", "alembic_version")
+    assert f"PostgreSQL advisory lock key {key} (database {database}, schema public, "\
+        "version table alembic_version, session scope)" in caplog.text
+
+
+def _backend_pids(admin: sa.Engine, database: str, query_like: str) -> list[int]:
+    with admin.connect() as connection:
+        return list(connection.execute(
+            sa.text("SELECT pid FROM pg_stat_activity WHERE datname = :db "
+                    "AND query LIKE :q AND state = 'active'"),
+            {"db": database, "q": query_like},
+        ).scalars())
+
+
+def _advisory_waiters(admin: sa.Engine, database: str) -> int:
+    with admin.connect() as connection:
+        return int(connection.execute(
+            sa.text("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                    "WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = :db"),
+            {"db": database},
+        ).scalar_one())
+
+
+def test_holder_killed_mid_statement_frees_the_lock_at_once(
+    pg_project: ServerProject, admin: sa.Engine, database: str
+) -> None:
+    """The holder dies inside a 300 s statement; the waiter finishes long before that."""
+    add_sleeping_revision(pg_project, "0009", "0008", "SELECT pg_sleep(300)")
+    holder = alembic_popen(pg_project, "upgrade", "head", env={"ALP_HOLD": "1"})
+    waiter = None
+    try:
+        wait_until(lambda: bool(_backend_pids(admin, database, "SELECT pg_sleep(300)%")),
+                   "the holder to sleep inside revision 0009")
+        waiter = alembic_popen(pg_project, "upgrade", "head")
+        wait_until(lambda: _advisory_waiters(admin, database) == 1,
+                   "the second worker to wait for the advisory lock")
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate(timeout=10)
+
+        # client_connection_check_interval ends the dead holder's backend within a
+        # second; without it the lock would stay held until pg_sleep(300) returned.
+        _out, err = waiter.communicate(timeout=60)
+    finally:
+        for proc in (holder, waiter):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+    assert waiter.returncode == 0, err
+    assert applied_lines(err) == [*DEMO_REVISIONS, "0009"]  # the holder's run rolled back
+    assert pg_project.version() == ["0009"]
+    assert pg_project.count("data_migrations") == 1
+    assert _backend_pids(admin, database, "SELECT pg_sleep(300)%") == []
+
+
+def test_failing_migration_rolls_back_the_whole_run(pg_project: ServerProject) -> None:
+    pg_project.add_revision(
+        "0009", "0008",
+        'op.create_table("t0009", sa.Column("id", sa.Integer, primary_key=True))\n'
+        'op.execute(sa.text("SELECT 1 / 0"))',
+    )
+
+    result = pg_project.alembic("upgrade", "head")
+
+    assert result.returncode == 255
+    assert "FAILED: Migration 0009 (test revision 0009) failed on" in result.stdout
+    assert "The run was rolled back; the database is still at base" in result.stdout
+    # DDL is transactional: not even the first revisions stayed.
+    assert pg_project.tables() == set()
+
+    alembic_sqlite_lock.upgrade(pg_project.ini, "0008")
+    with pytest.raises(MigrationError) as caught:
+        alembic_sqlite_lock.upgrade(pg_project.ini)
+    assert caught.value.revision == "0009"
+    assert pg_project.version() == ["0008"]
+    assert "t0009" not in pg_project.tables()
+
+
+def test_hung_holder_gives_lock_timeout_at_the_deadline(
+    pg_project: ServerProject, database: str
+) -> None:
+    key = key_for(database, "public", "alembic_version")
+    # Advisory locks belong to one database: a hung worker is a session in the same one.
+    with pg_project.engine().connect() as hung:
+        hung.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        with pytest.raises(LockTimeout) as caught:
+            alembic_sqlite_lock.upgrade(
+                pg_project.ini, deadline_s=2, busy_timeout_s=0.5, max_attempts=100
+            )
+    error = caught.value
+    assert error.waited_s >= 2.0
+    assert error.attempts > 1
+    assert "advisory lock" in str(error)
+    assert pg_project.version() == []
+    # The lock is free again: the next worker migrates.
+    assert alembic_sqlite_lock.upgrade(pg_project.ini) == DEMO_REVISIONS
+
+
+def test_lock_key_setting_replaces_the_key(pg_project: ServerProject) -> None:
+    with pg_project.engine().connect() as hung:
+        hung.execute(sa.text("SELECT pg_advisory_lock(4242)"))
+        with pytest.raises(LockTimeout):
+            alembic_sqlite_lock.upgrade(pg_project.ini, lock_key=4242, deadline_s=1)
+        result = pg_project.alembic("-x", "lock_key=4242", "-x", "lock_deadline_s=1",
+                                    "upgrade", "head")
+        assert result.returncode == 255
+        assert "FAILED: Could not take the migration lock" in result.stdout
+        # Another key is not blocked by it.
+        assert alembic_sqlite_lock.upgrade(pg_project.ini, lock_key="other app") \
+            == DEMO_REVISIONS
+
+
+def test_password_never_shows(tmp_path: Path, admin: sa.Engine) -> None:
+    role, password = unique("alp_user"), unique("pw_secret")
+    database = unique("alp")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    try:
+        _create_database(admin, database, owner=role)
+        try:
+            url = f"postgresql://{role}:{password}@127.0.0.1:5432/{database}"
+            project = server_project(tmp_path / "proj", url)
+            outputs = [project.alembic("upgrade", "0008")]
+            project.add_revision("0009", "0008", 'op.execute(sa.text("SELECT 1 / 0"))')
+            outputs.append(project.alembic("upgrade", "head"))
+            with project.engine().connect() as hung:
+                hung.execute(sa.text("SELECT pg_advisory_lock(77)"))
+                outputs.append(project.alembic("-x", "lock_key=77", "-x",
+                                               "lock_deadline_s=1", "upgrade", "head"))
+            assert [r.returncode for r in outputs] == [0, 255, 255]
+            for result in outputs:
+                assert password not in result.stdout + result.stderr
+            assert f"postgresql://{role}:***@127.0.0.1:5432/{database}" in outputs[1].stdout
+            assert f"postgresql://{role}:***@" in outputs[2].stdout
+        finally:
+            _drop_database(admin, database)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")

@@ -211,6 +211,9 @@ class _OnlineRun:
             stop_watching = _watch_pragmas(connection, progress)
             try:
                 self._migrate(source, connection)
+                # Logged before the lock is released, so that in a shared log every
+                # "Applied" line comes before the next worker's "already applied".
+                self.state.applied.extend(log_applied(progress))
             except BaseException as error:
                 _rollback(connection, source.url, error)
                 if not source.transactional:
@@ -227,7 +230,6 @@ class _OnlineRun:
                 source.release(connection)  # after COMMIT or ROLLBACK
         finally:
             self.env.context_opts["fn"] = self.command_fn
-        self.state.applied.extend(log_applied(progress))
 
     def _migrate(self, source: Backend, connection: Connection) -> None:
         """Run the command on a connection that holds the lock, then check and commit."""

@@ -310,6 +310,17 @@ class HandedIn(_Source):
     def __init__(self, connection: Connection, policy: RetryPolicy) -> None:
         super().__init__(policy)
         self.url = describe_url(connection.engine.url)
+        if not isinstance(connection.connection.driver_connection, sqlite3.Connection):
+            msg = (
+                f"The connection handed to env.py in config.attributes['connection'] "
+                f"({self.url}) uses the {connection.dialect.driver} driver; the migration "
+                "lock needs a pysqlite connection (the standard sqlite3 module). For an "
+                "aiosqlite app, do not hand in a connection: let run_migrations open its "
+                "own from sqlalchemy.url (sqlite+aiosqlite:// URLs are migrated through "
+                "pysqlite, on the same file and the same lock), e.g. with "
+                "`await alembic_sqlite_lock.upgrade_async(config)`."
+            )
+            raise ConfigurationError(msg)
         if connection.in_transaction():
             msg = (
                 f"The connection handed to env.py in config.attributes['connection'] "

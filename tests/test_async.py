@@ -188,12 +188,6 @@ def test_control_sync_upgrade_in_a_coroutine_blocks_the_loop(
 # A connection handed in by an async app -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: an aiosqlite connection in config.attributes['connection'] fails "
-    "with a bare AssertionError in _sqlite._dbapi instead of a ConfigurationError",
-)
 def test_handed_in_aiosqlite_connection_is_refused_clearly(project: Project) -> None:
     """Alembic's async cookbook hands in ``AsyncConnection.run_sync``'s connection. The
     library migrates through pysqlite; an aiosqlite connection must be refused with a

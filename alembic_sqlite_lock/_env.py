@@ -31,11 +31,12 @@ from alembic.runtime.migration import MigrationContext, MigrationStep, RevisionS
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, make_url
 
-from . import _sqlite
+from . import _diagnose, _sqlite
 from ._errors import ConfigurationError, MigrationError, MigrationLockError, RollbackFailed
 from ._retry import LockBusy, RetryPolicy, acquire
 from ._runlock import RunLock, lock_path_for
 from ._settings import resolve_policy
+from ._signals import terminate_as_exit
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def run_migrations(
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
-            _OnlineRun(env, kwargs, state).run()
+            with _diagnose.guarding_revisions(env):
+                _OnlineRun(env, kwargs, state).run()
     finally:
         state.inside = False
 
@@ -143,8 +145,11 @@ class _OwnEngine:
             )
             raise ConfigurationError(msg)
         self.url = describe_url(raw_url)
-        _require_sqlite(raw_url, self.url)
-        self.engine = _sqlite.create_engine(section)
+        try:
+            _require_sqlite(raw_url, self.url)
+            self.engine = _sqlite.create_engine(section)
+        except exc.ArgumentError as error:
+            raise _diagnose.bad_url(self.url, error, config.config_file_name) from error
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -242,7 +247,8 @@ class _OnlineRun:
             # purge empties the version table before the command looks at it, which is
             # a write: such a run goes straight to the lock.
             if self.env.context_opts.get("purge") or not self._finished_unlocked(source):
-                self._run_locked(source, saw_work=not self.env.context_opts.get("purge"))
+                with terminate_as_exit():
+                    self._run_locked(source, saw_work=not self.env.context_opts.get("purge"))
         finally:
             source.close()
 
@@ -252,6 +258,7 @@ class _OnlineRun:
             with source.reading() as connection:
                 _sqlite.set_busy_timeout(connection, self.policy.busy_timeout_s)
                 self.database_path = _sqlite.database_path(connection)
+                _diagnose.warn_about_setup(source.url, self.database_path)
                 self.env.configure(connection=connection, **self.kwargs)
                 migration_context = self.env.get_context()
                 heads = migration_context.get_current_heads()
@@ -292,6 +299,7 @@ class _OnlineRun:
             try:
                 if self.database_path is None:
                     self.database_path = source.database_path()
+                _diagnose.check_writable(self.database_path, source.url)
                 run_lock = RunLock(lock_path_for(self.database_path))
                 connection = acquire(
                     partial(_lock_both, run_lock, source), self.policy, url=source.url
@@ -372,18 +380,14 @@ def _migration_error(url: str, progress: _Progress, error: Exception) -> Migrati
         what = f"The migration run on {url} failed before it could commit"
         revision = None
     msg = (
-        f"{what}: {type(error).__name__}: {error}. The whole run was rolled back; the "
+        f"{what}: {_diagnose.one_line(error)}. The whole run was rolled back; the "
         f"database is still at {before}. Fix the cause and run the upgrade again."
-    )
+    ) + _diagnose.migration_hint(url, error)
     return MigrationError(msg, url=url, revision=revision)
 
 
 def _database_error(url: str, error: exc.DBAPIError) -> MigrationLockError:
-    msg = (
-        f"Could not read the migration state of {url}: {error.orig}. Check that the path "
-        "points at a SQLite database this user can read and write."
-    )
-    return MigrationLockError(msg)
+    return _diagnose.open_error(url, error)
 
 
 def _revisions(heads: Iterable[str]) -> str:

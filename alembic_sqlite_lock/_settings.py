@@ -22,13 +22,33 @@ X_PREFIX = "lock_"
 SETTINGS_KEY = "alembic_sqlite_lock.settings"
 """Where ``upgrade()`` leaves its keyword settings for env.py, in ``Config.attributes``."""
 
-_TYPES: dict[str, type] = {f.name: (int if f.name == "max_attempts" else float)
-                           for f in fields(RetryPolicy)}
+_POLICY_NAMES = tuple(f.name for f in fields(RetryPolicy))
+RUN_SETTINGS: dict[str, bool] = {"allow_unknown_revision": False}
+"""Settings that are not about waiting for the lock: on/off switches and their defaults."""
+_TYPES: dict[str, type] = {
+    **{name: (int if name == "max_attempts" else float) for name in _POLICY_NAMES},
+    **{name: bool for name in RUN_SETTINGS},
+}
 NAMES = tuple(_TYPES)
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
 def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -> RetryPolicy:
     """Build the RetryPolicy for a run from every source, highest precedence first."""
+    chosen = _resolve(config, overrides)
+    try:
+        return RetryPolicy(**{k: v for k, v in chosen.items() if k in _POLICY_NAMES})
+    except ValueError as exc:
+        raise ConfigurationError(f"{exc} Check where it is set: keyword arguments, "
+                                 f"-x {X_PREFIX}<name>, or [{SECTION}] in alembic.ini.") from exc
+
+
+def resolve_switch(config: Config, name: str, overrides: Mapping[str, Any] | None = None) -> bool:
+    """One of the RUN_SETTINGS, resolved in the same order as the retry policy."""
+    return bool(_resolve(config, overrides).get(name, RUN_SETTINGS[name]))
+
+
+def _resolve(config: Config, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     if overrides is None:
         overrides = config.attributes.get(SETTINGS_KEY, {})
     layers = [
@@ -48,15 +68,13 @@ def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -
             raise ConfigurationError(msg)
         for name, raw in values.items():
             chosen[name] = _convert(name, raw, f"{prefix}{name} ({source})")
-    try:
-        return RetryPolicy(**chosen)
-    except ValueError as exc:
-        raise ConfigurationError(f"{exc} Check where it is set: keyword arguments, "
-                                 f"-x {X_PREFIX}<name>, or [{SECTION}] in alembic.ini.") from exc
+    return chosen
 
 
 def _convert(name: str, raw: Any, where: str) -> Any:
     kind = _TYPES[name]
+    if kind is bool:
+        return _convert_switch(raw, where)
     if isinstance(raw, str):
         text = raw.strip()
         try:
@@ -74,6 +92,16 @@ def _convert(name: str, raw: Any, where: str) -> Any:
     except ValueError as exc:
         raise ConfigurationError(str(exc).replace(f"Setting {name}", f"Setting {where}")) from exc
     return value
+
+
+def _convert_switch(raw: Any, where: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower() if isinstance(raw, str) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    msg = f"Setting {where} must be true or false, got {raw!r}."
+    raise ConfigurationError(msg)
 
 
 def _x_options(config: Config) -> dict[str, str]:

@@ -25,21 +25,29 @@ from ._commands import downgrade, stamp, upgrade
 from ._env import run_migrations
 from ._errors import (
     ConfigurationError,
+    DatabaseUnusable,
     LockTimeout,
     MigrationError,
     MigrationLockError,
+    MultipleHeadsError,
     RollbackFailed,
+    UnknownDatabaseRevision,
+    UnknownRevision,
 )
 from ._retry import RetryPolicy
 from ._version import __version__
 
 __all__ = [
     "ConfigurationError",
+    "DatabaseUnusable",
     "LockTimeout",
     "MigrationError",
     "MigrationLockError",
+    "MultipleHeadsError",
     "RetryPolicy",
     "RollbackFailed",
+    "UnknownDatabaseRevision",
+    "UnknownRevision",
     "__version__",
     "downgrade",
     "run_migrations",

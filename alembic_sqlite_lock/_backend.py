@@ -121,10 +121,7 @@ def open_backend(
             )
             raise ConfigurationError(msg)
     shown = describe_url(raw_url)
-    try:
-        name = make_url(raw_url).get_backend_name()
-    except exc.ArgumentError:
-        name = ""
+    name = make_url(raw_url).get_backend_name()  # ArgumentError: the caller explains it
     if name == "sqlite":
         from . import _sqlite
 

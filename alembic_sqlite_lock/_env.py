@@ -26,7 +26,7 @@ from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
-from . import _sqlite
+from . import _diagnose, _sqlite
 from ._backend import Backend, RunOptions, describe_url, open_backend
 from ._errors import ConfigurationError, MigrationLockError, RollbackFailed
 from ._progress import (
@@ -40,6 +40,7 @@ from ._progress import (
 )
 from ._retry import RetryPolicy, acquire
 from ._settings import resolve_settings
+from ._signals import terminate_as_exit
 from ._targets import pin_relative_target
 
 __all__ = ["STATE_KEY", "RunState", "describe_url", "run_migrations"]
@@ -96,7 +97,8 @@ def run_migrations(
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
-            _OnlineRun(env, kwargs, state).run()
+            with _diagnose.guarding_revisions(env):
+                _OnlineRun(env, kwargs, state).run()
     finally:
         state.inside = False
 
@@ -142,17 +144,24 @@ class _OnlineRun:
 
     def run(self) -> None:
         config = self.env.config
-        source = open_backend(
-            section=config.get_section(config.config_ini_section, {}),
-            handed_in=config.attributes.get("connection"),
-            options=self.options,
-            where=f"the [{config.config_ini_section}] section of {config.config_file_name}",
-        )
+        section = config.get_section(config.config_ini_section, {})
+        try:
+            source = open_backend(
+                section=section,
+                handed_in=config.attributes.get("connection"),
+                options=self.options,
+                where=f"the [{config.config_ini_section}] section of {config.config_file_name}",
+            )
+        except exc.ArgumentError as error:
+            shown = describe_url(section.get("sqlalchemy.url", ""))
+            raise _diagnose.bad_url(shown, error, config.config_file_name) from error
         try:
             # purge empties the version table before the command looks at it, which is
             # a write: such a run goes straight to the lock.
             if self.env.context_opts.get("purge") or not self._finished_unlocked(source):
-                self._run_locked(source, saw_work=not self.env.context_opts.get("purge"))
+                # SIGTERM (a CLI run stopped by its supervisor) rolls the run back.
+                with terminate_as_exit():
+                    self._run_locked(source, saw_work=not self.env.context_opts.get("purge"))
         finally:
             source.close()
 
@@ -288,6 +297,8 @@ def _rollback(connection: Connection, url: str, error: BaseException) -> None:
 
 
 def _database_error(source: Backend, error: exc.DBAPIError) -> MigrationLockError:
+    if source.url.startswith("sqlite"):
+        return _diagnose.open_error(source.url, error)  # which file, what is wrong, the fix
     msg = (
         f"Could not read the migration state of {source.url}: {error.orig}. "
         f"{source.unreadable_hint}"

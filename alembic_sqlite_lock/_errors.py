@@ -91,3 +91,49 @@ def lock_timeout(
         "of alembic.ini)."
     )
     return LockTimeout(msg, url=url, attempts=attempts, waited_s=waited_s)
+
+
+class DatabaseUnusable(MigrationLockError):
+    """The database file cannot be used as it is (missing directory, not a database,
+    read-only, no room); nothing was migrated."""
+
+    def __init__(self, message: str, *, url: str, path: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.path = path
+
+
+class UnknownRevision(MigrationLockError):
+    """The command names a revision the code does not have; nothing was migrated."""
+
+    def __init__(self, message: str, *, url: str, revision: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.revision = revision
+
+
+class MultipleHeadsError(MigrationLockError):
+    """``upgrade head`` while the code has several heads; nothing was migrated."""
+
+    def __init__(self, message: str, *, url: str, code_heads: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.url = url
+        self.code_heads = code_heads
+
+
+class UnknownDatabaseRevision(MigrationLockError):
+    """The database is at a revision the code does not have: usually a newer release
+    migrated it. Setting ``allow_unknown_revision`` starts the app anyway, with a warning."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        database_revisions: tuple[str, ...],
+        code_heads: tuple[str, ...],
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.database_revisions = database_revisions
+        self.code_heads = code_heads

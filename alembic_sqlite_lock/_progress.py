@@ -9,6 +9,7 @@ from typing import Any
 
 from alembic.runtime.migration import MigrationContext, MigrationStep, RevisionStep
 
+from ._diagnose import migration_hint, one_line
 from ._errors import MigrationError
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,9 @@ def migration_error(
             f"{revisions(heads_now)} (it started at {revisions(progress.before)}); "
             "statements a revision committed in an autocommit block stay applied."
         )
-    msg = f"{what}: {type(error).__name__}: {error}. {where} Fix the cause and run again."
+    msg = f"{what}: {one_line(error)}. {where} Fix the cause and run again." + migration_hint(
+        url, error
+    )
     return MigrationError(msg, url=url, revision=revision)
 
 

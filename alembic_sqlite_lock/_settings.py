@@ -55,13 +55,20 @@ class Settings:
     policy: RetryPolicy
     lock_key: str | None
     lock_scope: str
+    allow_unknown_revision: bool = False
+    """Start anyway, with a WARNING and migrating nothing, when the database is at a
+    revision this code does not have (an older release booting after a newer one)."""
 
 
+RUN_SETTINGS: dict[str, bool] = {"allow_unknown_revision": False}
+"""Settings that are not about waiting for the lock: on/off switches and their defaults."""
 _TYPES: dict[str, type] = {f.name: (int if f.name == "max_attempts" else float)
                            for f in fields(RetryPolicy)}
 _TYPES.update({f.name: str for f in fields(LockSettings)})
+_TYPES.update({name: bool for name in RUN_SETTINGS})
 NAMES = tuple(_TYPES)
 _LOCK_NAMES = frozenset(f.name for f in fields(LockSettings))
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
 def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -> RetryPolicy:
@@ -91,18 +98,28 @@ def resolve_settings(config: Config, overrides: Mapping[str, Any] | None = None)
         for name, raw in values.items():
             chosen[name] = _convert(name, raw, f"{prefix}{name} ({source})")
     lock: dict[str, Any] = {name: chosen.pop(name) for name in _LOCK_NAMES if name in chosen}
+    switches = {name: chosen.pop(name, default) for name, default in RUN_SETTINGS.items()}
     try:
         lock_settings = LockSettings(**lock)
-        return Settings(RetryPolicy(**chosen), lock_settings.lock_key, lock_settings.lock_scope)
+        return Settings(
+            RetryPolicy(**chosen), lock_settings.lock_key, lock_settings.lock_scope, **switches
+        )
     except ValueError as exc:
         raise ConfigurationError(f"{exc} Check where it is set: keyword arguments, "
                                  f"-x {X_PREFIX}<name>, or [{SECTION}] in alembic.ini.") from exc
+
+
+def resolve_switch(config: Config, name: str, overrides: Mapping[str, Any] | None = None) -> bool:
+    """One of the RUN_SETTINGS, resolved in the same order as every other setting."""
+    return bool(getattr(resolve_settings(config, overrides), name))
 
 
 def _convert(name: str, raw: Any, where: str) -> Any:
     kind = _TYPES[name]
     if kind is str:
         return _convert_text(name, raw, where)
+    if kind is bool:
+        return _convert_switch(raw, where)
     if isinstance(raw, str):
         text = raw.strip()
         try:
@@ -120,6 +137,16 @@ def _convert(name: str, raw: Any, where: str) -> Any:
     except ValueError as exc:
         raise ConfigurationError(str(exc).replace(f"Setting {name}", f"Setting {where}")) from exc
     return value
+
+
+def _convert_switch(raw: Any, where: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = raw.strip().lower() if isinstance(raw, str) else None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    msg = f"Setting {where} must be true or false, got {raw!r}."
+    raise ConfigurationError(msg)
 
 
 def _convert_text(name: str, raw: Any, where: str) -> Any:

@@ -25,6 +25,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
+from . import _diagnose
 from ._backend import describe_url
 from ._errors import ConfigurationError
 from ._retry import LockBusy, RetryPolicy
@@ -217,6 +218,7 @@ class _Source:
     def _note_path(self, connection: Connection) -> None:
         set_busy_timeout(connection, self.policy.busy_timeout_s)
         self.database_path = database_path(connection)
+        _diagnose.warn_about_setup(self.url, self.database_path)  # :memory:, NFS, FUSE
 
     def _database_path(self) -> str:
         raise NotImplementedError
@@ -235,7 +237,10 @@ class _Source:
 
     def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
         """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""
-        run_lock = RunLock(self._lock_path())
+        lock_path = self._lock_path()
+        # A read-only database fails here, clearly, before the lock file is created.
+        _diagnose.check_writable(self.database_path or "", self.url)
+        run_lock = RunLock(lock_path)
         started = time.monotonic()
         if not run_lock.acquire(timeout_s):
             raise LockBusy(f"{run_lock.path} is held by another worker")

@@ -175,7 +175,8 @@ def test_upgrade_head_with_several_heads_is_a_clear_error(project: Project) -> N
     add_branches(project)
     result = project.alembic("upgrade", "head")
     assert result.returncode != 0
-    assert "FAILED: Multiple head revisions" in result.stdout
+    assert "FAILED: Cannot upgrade" in result.stdout
+    assert "alembic upgrade heads" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
     assert project.tables() == set()
 

@@ -36,6 +36,7 @@ from ._errors import ConfigurationError, MigrationError, MigrationLockError, Rol
 from ._retry import LockBusy, RetryPolicy, acquire
 from ._runlock import RunLock, lock_path_for
 from ._settings import resolve_policy
+from ._sidecar import Sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,7 @@ class _OnlineRun:
         def locked_fn(heads: tuple[str, ...], context: MigrationContext) -> Iterator[Any]:
             progress.before = heads
             steps = list(command_fn(heads, context))
+            sidecar.starting(heads, steps)  # holder record; backup (opt-in)
             if not steps and self.migrates:
                 if saw_work:
                     logger.info("All migrations already applied by another worker")
@@ -293,8 +295,10 @@ class _OnlineRun:
                 if self.database_path is None:
                     self.database_path = source.database_path()
                 run_lock = RunLock(lock_path_for(self.database_path))
+                sidecar = Sidecar(self.env.config, self.database_path)
                 connection = acquire(
-                    partial(_lock_both, run_lock, source), self.policy, url=source.url
+                    partial(_lock_both, run_lock, source), self.policy, url=source.url,
+                    describe_holder=sidecar.holder_suffix,
                 )
             except exc.DBAPIError as error:
                 raise _database_error(source.url, error) from error
@@ -311,6 +315,7 @@ class _OnlineRun:
                     raise _migration_error(source.url, progress, error) from error
                 raise
             finally:
+                sidecar.finished()
                 source.release(connection)
                 run_lock.release()  # after COMMIT: the next worker finds SQLite's lock free
         finally:

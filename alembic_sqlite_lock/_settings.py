@@ -26,6 +26,9 @@ _TYPES: dict[str, type] = {f.name: (int if f.name == "max_attempts" else float)
                            for f in fields(RetryPolicy)}
 NAMES = tuple(_TYPES)
 
+EXTRA_SETTINGS: dict[str, str] = {"backup_dir": ""}
+"""Settings that are not RetryPolicy fields, with their defaults; see resolve_setting()."""
+
 
 def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -> RetryPolicy:
     """Build the RetryPolicy for a run from every source, highest precedence first."""
@@ -38,21 +41,34 @@ def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -
     ]
     chosen: dict[str, Any] = {}
     for source, values, prefix in reversed(layers):
-        unknown = sorted(set(values) - set(NAMES))
+        unknown = sorted(set(values) - set(NAMES) - set(EXTRA_SETTINGS))
         if unknown:
-            valid = ", ".join(prefix + name for name in NAMES)
+            valid = ", ".join(prefix + name for name in (*NAMES, *EXTRA_SETTINGS))
             msg = (
                 f"Unknown alembic-sqlite-lock setting {', '.join(prefix + u for u in unknown)}"
                 f" ({source}). Valid settings: {valid}."
             )
             raise ConfigurationError(msg)
         for name, raw in values.items():
+            if name in EXTRA_SETTINGS:
+                continue  # not a RetryPolicy field: read by resolve_setting()
             chosen[name] = _convert(name, raw, f"{prefix}{name} ({source})")
     try:
         return RetryPolicy(**chosen)
     except ValueError as exc:
         raise ConfigurationError(f"{exc} Check where it is set: keyword arguments, "
                                  f"-x {X_PREFIX}<name>, or [{SECTION}] in alembic.ini.") from exc
+
+
+def resolve_setting(config: Config, name: str,
+                    overrides: Mapping[str, Any] | None = None) -> str:
+    """A setting of EXTRA_SETTINGS, by the same precedence as resolve_policy()."""
+    if overrides is None:
+        overrides = config.attributes.get(SETTINGS_KEY, {})
+    for values in (dict(overrides), _x_options(config), _ini_section(config)):
+        if name in values:
+            return str(values[name]).strip()
+    return EXTRA_SETTINGS[name]
 
 
 def _convert(name: str, raw: Any, where: str) -> Any:

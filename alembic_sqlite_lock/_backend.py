@@ -38,6 +38,11 @@ class Backend(Protocol):
     """What a LockTimeout on this database most likely means (None: the SQLite text)."""
 
     @property
+    def database_file(self) -> str | None:
+        """The database's file, for the holder record and backups (None: a server)."""
+        ...
+
+    @property
     def run_long_lock(self) -> bool:
         """The lock outlives a transaction: a run may commit midway (autocommit blocks,
         transaction_per_migration) and still keep every other worker out."""

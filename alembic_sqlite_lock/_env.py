@@ -40,6 +40,7 @@ from ._progress import (
 )
 from ._retry import RetryPolicy, acquire
 from ._settings import resolve_settings
+from ._sidecar import Sidecar
 from ._signals import terminate_as_exit
 from ._targets import pin_relative_target
 
@@ -204,8 +205,15 @@ class _OnlineRun:
             )
             per_migration = False
         progress = Progress()
+        # The holder record (who migrates, for waiters and `status`) and the opt-in
+        # backup live beside a database file; server databases have neither.
+        sidecar = Sidecar(self.env.config, source.database_file)
         self.env.context_opts["fn"] = logging_steps(
-            self.command_fn, progress, migrates=self.migrates, saw_work=saw_work
+            self.command_fn,
+            progress,
+            migrates=self.migrates,
+            saw_work=saw_work,
+            on_steps=sidecar.starting,
         )
         try:
             try:
@@ -214,6 +222,7 @@ class _OnlineRun:
                     self.policy,
                     url=source.url,
                     causes=source.timeout_causes,
+                    describe_holder=sidecar.holder_suffix,
                 )
             except exc.DBAPIError as error:
                 raise _database_error(source, error) from error
@@ -236,6 +245,7 @@ class _OnlineRun:
                 raise
             finally:
                 stop_watching()
+                sidecar.finished()  # the record is true only while the lock is held
                 source.release(connection)  # after COMMIT or ROLLBACK
         finally:
             self.env.context_opts["fn"] = self.command_fn

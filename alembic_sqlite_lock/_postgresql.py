@@ -133,6 +133,9 @@ class PostgresBackend:
         with self.engine.connect() as connection:
             yield connection
 
+    database_file = None
+    """A server database: no file beside it for a holder record or a backup."""
+
     def is_busy(self, error: BaseException) -> bool:
         return False  # reading the version table never waits on a migration here
 

@@ -28,13 +28,23 @@ class Progress:
 
 
 def logging_steps(
-    command_fn: StepsFn, progress: Progress, *, migrates: bool, saw_work: bool
+    command_fn: StepsFn,
+    progress: Progress,
+    *,
+    migrates: bool,
+    saw_work: bool,
+    on_steps: Callable[[tuple[str, ...], list[Any]], None] | None = None,
 ) -> StepsFn:
-    """Wrap a command's work function: log each step before Alembic runs it."""
+    """Wrap a command's work function: log each step before Alembic runs it.
+
+    ``on_steps(heads, steps)`` runs once the steps are known, before the first one.
+    """
 
     def steps(heads: tuple[str, ...], context: MigrationContext) -> Iterator[Any]:
         progress.before = heads
         pending = list(command_fn(heads, context))
+        if on_steps is not None:
+            on_steps(heads, pending)
         if not pending and migrates:
             if saw_work:
                 logger.info("All migrations already applied by another worker")

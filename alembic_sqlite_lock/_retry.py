@@ -102,12 +102,14 @@ def acquire(
     sleep: Callable[[float], None] = time.sleep,
     rng: _Uniform = random,
     causes: str | None = None,
+    describe_holder: Callable[[], str] | None = None,
 ) -> T:
     """Call ``try_lock(busy_timeout_s)`` until it returns, backing off between attempts.
 
     ``try_lock`` raises :class:`LockBusy` when the lock is held elsewhere. Gives up with
     :class:`LockTimeout` after ``max_attempts`` or at ``deadline_s``, whichever is first.
     ``causes`` replaces the SQLite-specific likely causes in that error's message.
+    ``describe_holder()`` returns a suffix naming the lock's holder ("" when unknown).
     """
     start = clock()
     attempt = 0
@@ -119,14 +121,20 @@ def acquire(
         except LockBusy:
             pass
         remaining = policy.deadline_s - (clock() - start)
+        holder = describe_holder() if describe_holder is not None else ""
         if attempt >= policy.max_attempts or remaining <= 0:
-            raise lock_timeout(url, attempt, clock() - start, causes)
+            error = lock_timeout(url, attempt, clock() - start, causes)
+            if holder:
+                error.holder = holder.strip(" ()")
+                error.args = (f"{error.args[0]} The lock is {error.holder}.",)
+            raise error
         delay = min(policy.delay_after(attempt, rng), remaining)
         logger.log(
             retry_log_level(attempt),
-            "Database locked by another worker, retry %d/%d in %.2fs",
+            "Database locked by another worker, retry %d/%d in %.2fs%s",
             attempt,
             policy.max_attempts,
             delay,
+            holder,
         )
         sleep(delay)

@@ -2,15 +2,15 @@
 
 Keyword arguments (``upgrade(cfg, deadline_s=300)``), then ``-x lock_<name>=<value>`` on
 the alembic command line, then the ``[alembic_sqlite_lock]`` section of alembic.ini,
-then the defaults of :class:`RetryPolicy`. A bad value fails at start, naming the setting
-and where it came from.
+then the defaults. A bad value fails at start, naming the setting and where it came
+from. Every setting has one name everywhere (and a ``--<name>`` flag on our CLI).
 """
 
 from __future__ import annotations
 
 import configparser
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from alembic.config import Config
@@ -27,15 +27,23 @@ LOCK_SCOPES = ("session", "transaction")
 
 
 @dataclass(frozen=True)
-class LockSettings:
-    """The settings of the server databases' locks (ignored on SQLite)."""
+class Settings:
+    """Every setting of a run; the retry policy's fields are settings too."""
 
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
     lock_key: str | None = None
-    """What the lock is keyed on, instead of database, schema and version table.
-    PostgreSQL: a 64-bit integer, or any text (hashed to one). MySQL: the GET_LOCK name."""
+    """PostgreSQL / MySQL: what the lock is keyed on, instead of database, schema and
+    version table (PostgreSQL: a 64-bit integer or any text, hashed; MySQL: the
+    GET_LOCK name)."""
     lock_scope: str = "session"
     """PostgreSQL: ``session`` (pg_advisory_lock) or ``transaction``
     (pg_advisory_xact_lock, for PgBouncer in transaction-pooling mode)."""
+    allow_unknown_revision: bool = False
+    """Start anyway, with a WARNING and migrating nothing, when the database is at a
+    revision this code does not have (an older release booting after a newer one)."""
+    backup_dir: str = ""
+    """Empty: no backups. A directory (relative to the database's): the worker about to
+    migrate copies the database there first (VACUUM INTO)."""
 
     def __post_init__(self) -> None:
         key = self.lock_key
@@ -50,30 +58,47 @@ class LockSettings:
             raise ValueError(msg)
 
 
-@dataclass(frozen=True)
-class Settings:
-    policy: RetryPolicy
-    lock_key: str | None
-    lock_scope: str
-    allow_unknown_revision: bool = False
-    """Start anyway, with a WARNING and migrating nothing, when the database is at a
-    revision this code does not have (an older release booting after a newer one)."""
-
-
-RUN_SETTINGS: dict[str, bool] = {"allow_unknown_revision": False}
-"""Settings that are not about waiting for the lock: on/off switches and their defaults."""
-_TYPES: dict[str, type] = {f.name: (int if f.name == "max_attempts" else float)
-                           for f in fields(RetryPolicy)}
-_TYPES.update({f.name: str for f in fields(LockSettings)})
-_TYPES.update({name: bool for name in RUN_SETTINGS})
+_POLICY_NAMES = tuple(f.name for f in fields(RetryPolicy))
+_TYPES: dict[str, type] = {
+    **{name: (int if name == "max_attempts" else float) for name in _POLICY_NAMES},
+    "lock_key": str,
+    "lock_scope": str,
+    "allow_unknown_revision": bool,
+    "backup_dir": str,
+}
 NAMES = tuple(_TYPES)
-_LOCK_NAMES = frozenset(f.name for f in fields(LockSettings))
+"""Every setting's name, in the order the docs and the generated alembic.ini list them."""
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def defaults() -> dict[str, str]:
+    """Every setting's default as it is written in alembic.ini ("" for none)."""
+    policy, rest = RetryPolicy(), Settings()
+    values: dict[str, str] = {}
+    for name in NAMES:
+        value = getattr(policy if name in _POLICY_NAMES else rest, name)
+        if isinstance(value, bool):
+            values[name] = "true" if value else "false"
+        elif isinstance(value, float) and value.is_integer():
+            values[name] = str(int(value))
+        else:
+            values[name] = "" if value is None else str(value)
+    return values
 
 
 def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -> RetryPolicy:
     """The RetryPolicy for a run (see :func:`resolve_settings`)."""
     return resolve_settings(config, overrides).policy
+
+
+def resolve_switch(config: Config, name: str, overrides: Mapping[str, Any] | None = None) -> bool:
+    """An on/off setting, resolved like every other."""
+    return bool(getattr(resolve_settings(config, overrides), name))
+
+
+def resolve_setting(config: Config, name: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """A text setting, resolved like every other."""
+    return str(getattr(resolve_settings(config, overrides), name) or "")
 
 
 def resolve_settings(config: Config, overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -96,69 +121,55 @@ def resolve_settings(config: Config, overrides: Mapping[str, Any] | None = None)
             )
             raise ConfigurationError(msg)
         for name, raw in values.items():
-            chosen[name] = _convert(name, raw, f"{prefix}{name} ({source})")
-    lock: dict[str, Any] = {name: chosen.pop(name) for name in _LOCK_NAMES if name in chosen}
-    switches = {name: chosen.pop(name, default) for name, default in RUN_SETTINGS.items()}
-    try:
-        lock_settings = LockSettings(**lock)
-        return Settings(
-            RetryPolicy(**chosen), lock_settings.lock_key, lock_settings.lock_scope, **switches
-        )
-    except ValueError as exc:
-        raise ConfigurationError(f"{exc} Check where it is set: keyword arguments, "
-                                 f"-x {X_PREFIX}<name>, or [{SECTION}] in alembic.ini.") from exc
+            chosen[name] = convert(name, raw, f"{name} ({source})" if not prefix
+                                   else f"{prefix}{name} ({source})")
+    policy = {name: chosen.pop(name) for name in _POLICY_NAMES if name in chosen}
+    return Settings(RetryPolicy(**policy), **chosen)
 
 
-def resolve_switch(config: Config, name: str, overrides: Mapping[str, Any] | None = None) -> bool:
-    """One of the RUN_SETTINGS, resolved in the same order as every other setting."""
-    return bool(getattr(resolve_settings(config, overrides), name))
-
-
-def _convert(name: str, raw: Any, where: str) -> Any:
+def convert(name: str, raw: Any, where: str) -> Any:
+    """One setting's value from text (or a Python value), checked; ``where`` names the
+    setting and its source in the error, e.g. ``deadline_s (-x option)``."""
     kind = _TYPES[name]
-    if kind is str:
-        return _convert_text(name, raw, where)
-    if kind is bool:
-        return _convert_switch(raw, where)
-    if isinstance(raw, str):
-        text = raw.strip()
-        try:
-            value: Any = int(text) if kind is int else float(text)
-        except ValueError:
-            want = "a whole number" if kind is int else "a number of seconds"
-            msg = f"Setting {where} must be {want}, got {raw!r}."
-            raise ConfigurationError(msg) from None
-    else:
-        value = raw
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
     try:
-        RetryPolicy(**{name: value})
+        if kind is bool:
+            value: Any = _switch(raw)
+        elif kind is str:
+            # lock_key may be given as an int in Python; it is text everywhere else.
+            value = raw.strip() if isinstance(raw, str) else raw
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
+            Settings(**{name: value})
+        else:
+            value = _number(kind, raw)
+            RetryPolicy(**{name: value})
     except ValueError as exc:
-        raise ConfigurationError(str(exc).replace(f"Setting {name}", f"Setting {where}")) from exc
+        text = str(exc)
+        msg = text.replace(f"Setting {name}", f"Setting {where}") if text.startswith(
+            "Setting") else f"Setting {where} {text}"
+        raise ConfigurationError(msg) from None
     return value
 
 
-def _convert_switch(raw: Any, where: str) -> bool:
+def _number(kind: type, raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return int(raw.strip()) if kind is int else float(raw.strip())
+        except ValueError:
+            want = "a whole number" if kind is int else "a number of seconds"
+            raise ValueError(f"must be {want}, got {raw!r}.") from None
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    return raw
+
+
+def _switch(raw: Any) -> bool:
     if isinstance(raw, bool):
         return raw
     text = raw.strip().lower() if isinstance(raw, str) else None
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
-    msg = f"Setting {where} must be true or false, got {raw!r}."
-    raise ConfigurationError(msg)
-
-
-def _convert_text(name: str, raw: Any, where: str) -> Any:
-    # lock_key may be given as an int in Python; it is text everywhere else.
-    value: Any = raw.strip() if isinstance(raw, str) else raw
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    try:
-        LockSettings(**{name: value})
-    except ValueError as exc:
-        raise ConfigurationError(str(exc).replace(f"Setting {name}", f"Setting {where}")) from exc
-    return value
+    raise ValueError(f"must be true or false, got {raw!r}.")
 
 
 def _x_options(config: Config) -> dict[str, str]:

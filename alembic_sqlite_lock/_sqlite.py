@@ -232,6 +232,11 @@ class _Source:
         return lock_path_for(self.database_path)
 
     @property
+    def database_file(self) -> str | None:
+        self._lock_path()  # resolves the path once
+        return self.database_path or None
+
+    @property
     def run_long_lock(self) -> bool:
         return RunLock(self._lock_path()).usable
 

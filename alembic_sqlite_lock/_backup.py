@@ -1,0 +1,100 @@
+"""Backups before migrating: ``VACUUM INTO`` a file named after the revisions.
+
+Opt-in with the ``backup_dir`` setting. The worker that holds the lock and is about to
+apply migrations copies the database first; a run with nothing to migrate copies
+nothing. The copy is made through a second SQLite connection: ``VACUUM INTO`` cannot
+run inside the migration transaction, and the second connection sees the committed
+database, i.e. the state before this run (SQLite shares file locks between the
+connections of one process, so opening and closing it never drops the lock we hold).
+
+A file is ``<database name>.<from>-to-<to>.<UTC time>.bak`` (``app.db.0007-to-0008.
+20250101T120000Z.bak``): a complete SQLite database; to restore, stop every worker and
+copy it over the database file (see the README).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ._errors import MigrationLockError
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = ".bak"
+
+
+class BackupFailed(MigrationLockError):
+    """The opt-in backup could not be written; nothing was migrated."""
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: str
+    size_bytes: int
+    created: float
+    """Modification time of the file (seconds since the epoch)."""
+
+
+def backup_directory(setting: str, database_path: str) -> str | None:
+    """The folder of backups: ``setting`` relative to the database's folder; None if off."""
+    if not setting or not database_path:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(database_path)),
+                        os.path.expanduser(setting))
+
+
+def file_name(database_path: str, before: Iterable[str], after: Iterable[str],
+              now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return (f"{os.path.basename(database_path)}.{_revisions(before)}-to-"
+            f"{_revisions(after)}.{stamp}{EXTENSION}")
+
+
+def _revisions(revisions: Iterable[str]) -> str:
+    joined = "+".join(re.sub(r"[^A-Za-z0-9_]", "_", r) for r in revisions)
+    return joined or "base"
+
+
+def make(database_path: str, directory: str, before: Iterable[str],
+         after: Iterable[str]) -> str:
+    """Copy the committed database into ``directory``; returns the backup's path."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        base = os.path.join(directory, file_name(database_path, before, after))
+        target, n = base, 1
+        while os.path.exists(target):  # the same step twice in one second
+            n += 1
+            target = f"{base[: -len(EXTENSION)]}-{n}{EXTENSION}"
+        connection = sqlite3.connect(database_path, isolation_level=None)
+        try:
+            connection.execute("VACUUM INTO ?", (target,))
+        finally:
+            connection.close()
+    except (OSError, sqlite3.Error) as error:
+        msg = (
+            f"Could not back up {database_path} into {directory} before migrating: "
+            f"{error}. Nothing was migrated. Make the folder writable (or fix "
+            "backup_dir), or turn backups off with backup_dir = (empty)."
+        )
+        raise BackupFailed(msg) from error
+    logger.info("Backed up the database to %s", target)
+    return target
+
+
+def listing(directory: str | None, database_path: str) -> list[Backup]:
+    """This database's backups in ``directory``, oldest first."""
+    if directory is None or not os.path.isdir(directory):
+        return []
+    prefix = os.path.basename(database_path) + "."
+    found = []
+    for entry in os.scandir(directory):
+        if entry.is_file() and entry.name.startswith(prefix) and entry.name.endswith(EXTENSION):
+            info = entry.stat()
+            found.append(Backup(entry.path, info.st_size, info.st_mtime))
+    return sorted(found, key=lambda b: (b.created, b.path))

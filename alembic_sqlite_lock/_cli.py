@@ -1,0 +1,295 @@
+"""The ``alembic-sqlite-lock`` command line: a thin layer over the Python API.
+
+Exit codes (also in ``alembic-sqlite-lock --help``):
+
+* 0 success, including "nothing to do";
+* 1 a migration failed and was rolled back (MigrationError);
+* 2 usage or configuration error: bad arguments, a bad setting or alembic.ini, env.py
+  without run_migrations(), an unknown revision (ConfigurationError, CommandError);
+* 3 the migration lock could not be taken in time (LockTimeout);
+* 4 any other error (an unreadable database, an exception in env.py).
+
+Errors are one paragraph on stderr; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from alembic.config import Config
+from alembic.util import CommandError
+
+from . import _commands, _scaffold
+from ._errors import (
+    ConfigurationError,
+    LockTimeout,
+    MigrationError,
+    MigrationLockError,
+    MultipleHeadsError,
+    UnknownDatabaseRevision,
+    UnknownRevision,
+)
+from ._settings import NAMES, X_PREFIX, convert
+from ._version import __version__
+
+PROG = "alembic-sqlite-lock"
+
+EXIT_OK = 0
+EXIT_MIGRATION_FAILED = 1
+EXIT_USAGE = 2
+EXIT_LOCK_TIMEOUT = 3
+EXIT_OTHER = 4
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success, including nothing to do
+  1  a migration failed; the run was rolled back (MigrationError)
+  2  usage or configuration error (bad arguments or settings, unknown revision,
+     several heads, a database ahead of the code, env.py without run_migrations())
+  3  the migration lock was not free in time (LockTimeout)
+  4  any other error (an unusable database file, an exception in env.py)
+"""
+
+DESCRIPTION = """\
+Run Alembic migrations on SQLite from every worker at once: exactly one worker applies
+each migration, the others wait and carry on. Settings can be given as flags with the
+names used everywhere else (--deadline_s 300), as -x lock_<name>=<value>, or in the
+[alembic_sqlite_lock] section of alembic.ini, in that order of precedence.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = bool(args.verbose or args.global_verbose)
+    try:
+        result: int = args.handler(args)
+        return result
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        code = exit_code_for(error)
+        _report(error, code, verbose)
+        return code
+
+
+def exit_code_for(error: BaseException) -> int:
+    if isinstance(error, LockTimeout):
+        return EXIT_LOCK_TIMEOUT
+    if isinstance(error, MigrationError):
+        return EXIT_MIGRATION_FAILED
+    if isinstance(error, (ConfigurationError, UnknownRevision, MultipleHeadsError,
+                          UnknownDatabaseRevision)):
+        return EXIT_USAGE  # nothing ran: the command, the settings or the code is wrong
+    if isinstance(error, CommandError) and not isinstance(error, MigrationLockError):
+        return EXIT_USAGE  # Alembic's own: unknown revision, no script_location...
+    return EXIT_OTHER
+
+
+def _report(error: BaseException, code: int, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    message = " ".join(str(error).split()) or type(error).__name__
+    if code == EXIT_OTHER and not isinstance(error, CommandError):
+        message = f"{type(error).__name__}: {message}"
+    hint = "" if verbose else " (--verbose shows the traceback)"
+    print(f"{PROG}: error: {message}{hint if code == EXIT_OTHER else ''}", file=sys.stderr)
+
+
+# Parser -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    # The common options are accepted before the command too, as `alembic -c x.ini ...`.
+    _add_common(parser, prefix="global_")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    init = _command(commands, "init", _cmd_init,
+                    "create a new Alembic environment that uses the lock",
+                    common=False)
+    init.add_argument("directory", help="the folder for env.py, script.py.mako, versions/; "
+                      "must not exist or be empty")
+    init.add_argument("-c", "--config", default=None,
+                      help="where to write alembic.ini (default: ./alembic.ini)")
+    init.add_argument("--url", default=_scaffold.DEFAULT_URL,
+                      help="sqlalchemy.url to write (default: %(default)s)")
+    init.add_argument("-v", "--verbose", action="store_true",
+                      help="show the traceback of an error")
+
+    upgrade = _command(commands, "upgrade", _cmd_upgrade,
+                       "upgrade to a revision (default head) under the migration lock")
+    upgrade.add_argument("revision", nargs="?", default="head",
+                         help="target revision (default: head); with --sql also FROM:TO")
+    _add_write_options(upgrade)
+
+    downgrade = _command(commands, "downgrade", _cmd_downgrade,
+                         "downgrade to a revision under the migration lock")
+    downgrade.add_argument("revision", help="target revision, e.g. -1 or base; "
+                           "with --sql FROM:TO")
+    _add_write_options(downgrade)
+
+    stamp = _command(commands, "stamp", _cmd_stamp,
+                     "set the version table without running migrations, under the lock")
+    stamp.add_argument("revisions", nargs="+", metavar="revision",
+                       help="revision(s) to stamp, e.g. head")
+    stamp.add_argument("--purge", action="store_true",
+                       help="delete all entries in the version table before stamping")
+    _add_write_options(stamp)
+
+    _command(commands, "current", _cmd_current,
+             "show the database's current revision (read-only, takes no lock)")
+
+    status = _command(commands, "status", _cmd_status,
+                      "current revision, heads, pending revisions, who is migrating "
+                      "right now, backups (read-only, takes no lock)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _command(commands: Any, name: str, handler: Callable[[argparse.Namespace], int],
+             summary: str, *, common: bool = True) -> argparse.ArgumentParser:
+    sub: argparse.ArgumentParser = commands.add_parser(
+        name, help=summary, description=summary + ".", epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.set_defaults(handler=handler, verbose=False, config=None, name=None, x=[])
+    if common:
+        _add_common(sub)
+    return sub
+
+
+def _add_common(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument(
+        "-c", "--config", dest=prefix + "config", default=None,
+        help="alembic.ini to use (default: $ALEMBIC_CONFIG or ./alembic.ini)",
+    )
+    parser.add_argument(
+        "-n", "--name", dest=prefix + "name", default=None,
+        help="the ini section of the Alembic settings (default: alembic)",
+    )
+    parser.add_argument(
+        "-x", dest=prefix + "x", action="append", default=[], metavar="KEY=VALUE",
+        help="passed to env.py (context.get_x_argument()); -x lock_<setting>=<value> "
+             "sets a lock setting; repeatable",
+    )
+    parser.add_argument("-v", "--verbose", dest=prefix + "verbose", action="store_true",
+                        help="show the traceback of an error")
+    _add_settings(parser, prefix)
+
+
+def _add_settings(parser: argparse.ArgumentParser, prefix: str) -> None:
+    group = parser.add_argument_group(
+        "lock settings",
+        f"the same names as in [alembic_sqlite_lock] and -x {X_PREFIX}<name>; a flag wins",
+    )
+    defaults = _scaffold.setting_defaults()
+    for name in NAMES:
+        metavar = "N" if name == "max_attempts" else "SECONDS" if name.endswith("_s") else "VALUE"
+        group.add_argument(
+            f"--{name}", dest=f"{prefix}setting_{name}", default=None, metavar=metavar,
+            help=f"{_scaffold.SETTING_HELP.get(name, name)} "
+                 f"(default: {defaults.get(name) or 'off'})",
+        )
+
+
+def _add_write_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sql", action="store_true",
+                        help="print the SQL instead of running it (touches no database)")
+    parser.add_argument("--tag", default=None,
+                        help="an arbitrary tag for custom env.py files "
+                             "(context.get_tag_argument())")
+
+
+# Commands ---------------------------------------------------------------------------
+
+def _config(args: argparse.Namespace) -> Config:
+    path = args.config or args.global_config or os.environ.get("ALEMBIC_CONFIG", "alembic.ini")
+    if not os.path.isfile(path):
+        raise ConfigurationError(
+            f"No Alembic configuration file at {os.path.abspath(path)}. Pass its path "
+            f"with -c/--config, or create one with `{PROG} init DIR`."
+        )
+    # Alembic's CLI hands its parsed options to Config as cmd_opts; env.py reads -x
+    # (context.get_x_argument()) from there, and so do our lock_* settings.
+    cmd_opts = argparse.Namespace(x=[*args.global_x, *args.x], config=path)
+    return Config(path, ini_section=args.name or args.global_name or "alembic",
+                  cmd_opts=cmd_opts)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {}
+    for name in NAMES:
+        value = getattr(args, f"setting_{name}", None)
+        if value is None:
+            value = getattr(args, f"global_setting_{name}", None)
+        if value is not None:
+            settings[name] = convert(name, value, f"--{name}")
+    return settings
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    config = args.config or args.global_config or "alembic.ini"
+    created = _scaffold.init(args.directory, config, url=args.url)
+    for path in created:
+        print(f"Created {path}{os.sep if path.is_dir() else ''}")
+    print(f"Next: edit sqlalchemy.url in {config}, write a migration with "
+          f"`alembic -c {config} revision -m \"...\"`, then run "
+          f"`{PROG} -c {config} upgrade`.")
+    return EXIT_OK
+
+
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    _commands.upgrade(_config(args), args.revision, sql=args.sql, tag=args.tag,
+                      **_settings(args))
+    return EXIT_OK
+
+
+def _cmd_downgrade(args: argparse.Namespace) -> int:
+    _commands.downgrade(_config(args), args.revision, sql=args.sql, tag=args.tag,
+                        **_settings(args))
+    return EXIT_OK
+
+
+def _cmd_stamp(args: argparse.Namespace) -> int:
+    _commands.stamp(_config(args), args.revisions, sql=args.sql, tag=args.tag,
+                    purge=args.purge, **_settings(args))
+    return EXIT_OK
+
+
+def _cmd_current(args: argparse.Namespace) -> int:
+    from ._inspect import read_state, script_heads
+
+    config = _config(args)
+    state = read_state(config, **_settings(args))
+    heads = set(script_heads(config))
+    if not state.current:
+        print("base (no revision)")
+    for revision in state.current:
+        print(f"{revision} (head)" if revision in heads else revision)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ._status import format_text, gather
+
+    config = _config(args)
+    report = gather(config, **_settings(args))
+    if args.json:
+        import json
+
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        print(format_text(report))
+    return EXIT_OK

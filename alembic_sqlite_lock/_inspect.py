@@ -1,0 +1,77 @@
+"""Read-only looks at a database: its current revision(s), never taking a write lock.
+
+The look runs the user's env.py (so a custom version table, a handed-in connection or a
+URL set in env.py are honoured) with a command that asks for no migration steps:
+``run_migrations()`` then finishes in its unlocked read pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import make_url
+
+from . import _sqlite
+from ._commands import ConfigLike, _as_config, _run
+from ._env import describe_url
+
+
+@dataclass(frozen=True)
+class DatabaseState:
+    url: str
+    """sqlalchemy.url, password hidden."""
+    database_path: str
+    """The file as SQLite resolved it; "" for in-memory databases."""
+    exists: bool
+    """False when the file does not exist yet (it was not created by looking)."""
+    current: tuple[str, ...]
+    """The revisions in the version table; empty for a new database."""
+
+
+def read_state(config: ConfigLike, **settings: Any) -> DatabaseState:
+    """The current revision(s), read without a write lock and without creating the file."""
+    cfg = _as_config(config)
+    script = ScriptDirectory.from_config(cfg)
+    url = cfg.get_main_option("sqlalchemy.url") or ""
+    missing = _missing_file(url)
+    if missing is not None:
+        return DatabaseState(describe_url(url), missing, False, ())
+    seen: dict[str, Any] = {}
+
+    def look(heads: tuple[str, ...], context: MigrationContext) -> Iterable[Any]:
+        seen["heads"] = tuple(heads)
+        seen["path"] = _sqlite.database_path(context.connection) if context.connection else ""
+        seen["url"] = describe_url(context.connection.engine.url) if context.connection else url
+        return []
+
+    _run(cfg, script, look, dict(settings), dont_mutate=True)
+    return DatabaseState(seen.get("url", describe_url(url)), seen.get("path", ""), True,
+                         seen.get("heads", ()))
+
+
+def _missing_file(url: str) -> str | None:
+    """The path of a plain sqlite file URL whose file does not exist, else None.
+
+    Opening it through SQLite would create an empty file: a look must not do that.
+    """
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or parsed.query.get("uri"):
+        return None  # URI filenames: let SQLite interpret them
+    path = os.path.abspath(database)
+    return None if os.path.exists(path) else path
+
+
+def script_heads(config: Config) -> tuple[str, ...]:
+    return tuple(ScriptDirectory.from_config(config).get_heads())

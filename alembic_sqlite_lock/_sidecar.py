@@ -1,0 +1,70 @@
+"""What the lock holder does beside the database: the holder record and the backup.
+
+The locked run calls three things and nothing else (see ``_env._OnlineRun._run_locked``):
+``holder_suffix()`` for the waiters' retry lines, ``starting()`` once the lock is held and
+the steps are known, ``finished()`` just before the lock is released.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.migration import RevisionStep
+
+from . import _backup, _holder
+from ._settings import resolve_setting
+
+logger = logging.getLogger(__name__)
+
+
+class Sidecar:
+    def __init__(self, config: Config, database_path: str | None) -> None:
+        self.database_path = database_path or ""
+        self.record_path = _holder.record_path_for(self.database_path)
+        self.backup_dir = _backup.backup_directory(
+            resolve_setting(config, "backup_dir"), self.database_path
+        )
+        self._record: _holder.Holder | None = None
+
+    def holder_suffix(self) -> str:
+        """`` (held by pid 4711 on web-2, a1b2 -> c3d4, for 1.4 s)`` or ""."""
+        return _holder.suffix(self.record_path)
+
+    def starting(self, heads: Sequence[str], steps: Sequence[Any]) -> None:
+        """Inside the lock, before the first step: record who we are, back up if asked."""
+        if not steps:
+            return
+        before = list(heads)
+        after = revisions_after(heads, steps)
+        if self.record_path is not None:
+            record = _holder.this_process(before, after)
+            if _holder.write(self.record_path, record):
+                self._record = record
+        if self.backup_dir is not None and any(isinstance(s, RevisionStep) for s in steps):
+            _backup.make(self.database_path, self.backup_dir, before, after)
+
+    def finished(self) -> None:
+        """Before the lock is released: the record goes (it was only true while held)."""
+        record, self._record = self._record, None
+        if record is not None and self.record_path is not None:
+            _holder.remove(self.record_path, record)
+
+
+def revisions_after(heads: Sequence[str], steps: Sequence[Any]) -> list[str]:
+    """The version table's revisions once ``steps`` have run (for display only)."""
+    current = list(heads)
+    try:
+        for step in steps:
+            for gone in step.from_revisions_no_deps:
+                if gone in current:
+                    current.remove(gone)
+            for new in step.to_revisions_no_deps:
+                if new not in current:
+                    current.append(new)
+    except AttributeError:  # an unexpected step type: say nothing rather than guess
+        logger.debug("Cannot tell the target revisions of %r", steps)
+        return []
+    return current

@@ -1,0 +1,172 @@
+"""``alembic-sqlite-lock status``: where the database is, and who is migrating it now.
+
+Read-only. The revisions are read in run_migrations()'s unlocked pass. Whether a run is
+in progress is told by the run lock (an ``flock`` on ``<database>.migration-lock``, see
+_runlock.py): a non-blocking attempt on a descriptor of our own, released at once. The
+probe never creates the lock file, never waits, and never opens the database file
+itself (closing a descriptor of the database would drop SQLite's locks in this process).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+
+from . import _backup, _holder
+from ._inspect import read_state
+from ._runlock import lock_path_for
+from ._settings import resolve_setting
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+
+@dataclass
+class StatusReport:
+    database: str
+    database_path: str
+    database_exists: bool
+    current: list[str]
+    heads: list[str]
+    pending: list[str] | None
+    """Revisions `upgrade heads` would apply, in order; None when it cannot be told."""
+    problem: str | None
+    migration_running: bool | None
+    """True/False from the run lock; None when this system cannot tell."""
+    holder: _holder.Holder | None
+    holder_stale: bool
+    backup_dir: str | None
+    backups: list[_backup.Backup] = field(default_factory=list)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.pending == []
+
+    def as_dict(self) -> dict[str, Any]:
+        holder = None
+        if self.holder is not None:
+            holder = dict(self.holder.as_dict(), stale=self.holder_stale,
+                          held_for_s=round(max(0.0, time.time() - self.holder.since), 3),
+                          description=_holder.describe(self.holder))
+        return {
+            "database": self.database,
+            "database_path": self.database_path,
+            "database_exists": self.database_exists,
+            "current": self.current,
+            "heads": self.heads,
+            "pending": self.pending,
+            "up_to_date": self.up_to_date,
+            "problem": self.problem,
+            "migration_running": self.migration_running,
+            "holder": holder,
+            "backup_dir": self.backup_dir,
+            "backups": [
+                {"path": b.path, "size_bytes": b.size_bytes, "created": b.created}
+                for b in self.backups
+            ],
+        }
+
+
+def gather(config: Config, **settings: Any) -> StatusReport:
+    state = read_state(config, **settings)
+    script = ScriptDirectory.from_config(config)
+    heads = list(script.get_heads())
+    pending: list[str] | None
+    problem = None
+    try:
+        steps = script._upgrade_revs("heads", state.current)  # type: ignore[arg-type]
+        pending = [str(step.revision.revision) for step in steps]
+    except CommandError as error:
+        pending, problem = None, str(error)
+    path = state.database_path
+    record_path = _holder.record_path_for(path)
+    holder = _holder.read(record_path) if record_path else None
+    backup_dir = _backup.backup_directory(resolve_setting(config, "backup_dir", settings), path)
+    return StatusReport(
+        database=state.url,
+        database_path=path,
+        database_exists=state.exists,
+        current=list(state.current),
+        heads=heads,
+        pending=pending,
+        problem=problem,
+        migration_running=run_lock_held(lock_path_for(path)),
+        holder=holder,
+        holder_stale=holder is not None and _holder.is_stale(holder),
+        backup_dir=backup_dir,
+        backups=_backup.listing(backup_dir, path),
+    )
+
+
+def run_lock_held(lock_path: str | None) -> bool | None:
+    """Is a run holding ``lock_path`` now? None when it cannot be told."""
+    if lock_path is None or fcntl is None:
+        return None
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False  # no run ever took it
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return None
+        raise
+    try:
+        # LOCK_SH: it conflicts with a holder's LOCK_EX just the same, and a worker that
+        # tries in this instant is woken by the kernel as soon as the descriptor closes.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock at once, if it got it
+    return False
+
+
+def format_text(report: StatusReport) -> str:
+    lines = [f"Database:   {report.database}"]
+    if not report.database_exists:
+        lines.append(f"            (the file {report.database_path} does not exist yet)")
+    lines.append(f"Current:    {', '.join(report.current) or 'base (no revision)'}")
+    label = "Head:" if len(report.heads) == 1 else "Heads:"
+    lines.append(f"{label:<12}{', '.join(report.heads) or '(no revisions)'}")
+    if report.pending is None:
+        lines.append(f"Pending:    unknown: {report.problem}")
+    elif report.pending:
+        lines.append(f"Pending:    {len(report.pending)}: {', '.join(report.pending)}")
+    else:
+        lines.append("Pending:    none, up to date")
+    lines.append(f"Migration:  {_running_text(report)}")
+    if report.backup_dir is None:
+        lines.append("Backups:    off (set backup_dir to turn them on)")
+    else:
+        lines.append(f"Backups:    {len(report.backups)} in {report.backup_dir}")
+        for backup in report.backups:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(backup.created))
+            lines.append(f"  {created}  {backup.size_bytes:>12,d} B  "
+                         f"{os.path.basename(backup.path)}")
+    return "\n".join(lines)
+
+
+def _running_text(report: StatusReport) -> str:
+    holder = report.holder
+    running = report.migration_running
+    who = _holder.describe(holder) if holder is not None else ""
+    since = ""
+    if holder is not None:
+        since = time.strftime(" (since %Y-%m-%d %H:%M:%S)", time.localtime(holder.since))
+    if running is True:
+        return f"running: {who}{since}" if holder else "running (holder not recorded yet)"
+    if holder is not None:
+        kind = "stale" if report.holder_stale else "left over"
+        return f"none running ({kind} holder record: {who}{since})"
+    if running is None:
+        return "cannot tell on this system"
+    return "none running"

@@ -1,0 +1,200 @@
+"""The holder record: written while the lock is held, named in waiters' lines and status,
+stale only on proof that its process is gone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Project
+
+import alembic_sqlite_lock
+from alembic_sqlite_lock import _holder
+from alembic_sqlite_lock._holder import Holder
+
+CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
+
+
+def record_path(project: Project) -> Path:
+    return Path(str(project.db) + _holder.SUFFIX)
+
+
+# Staleness --------------------------------------------------------------------------
+
+def test_this_process_is_alive_and_not_stale() -> None:
+    me = _holder.this_process(["0007"], ["0008"])
+    assert me.pid == os.getpid()
+    assert me.host == socket.gethostname()
+    assert me.process_start is not None
+    assert me.process_start > 0
+    assert _holder.is_stale(me) is False
+
+
+def test_a_dead_pid_on_this_host_is_stale() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = dataclasses.replace(_holder.this_process([], ["0001"]), pid=child.pid)
+    assert _holder.is_stale(dead) is True
+
+
+def test_a_reused_pid_is_stale_and_an_older_start_is_not() -> None:
+    me = _holder.this_process([], [])
+    assert me.process_start is not None
+    earlier = dataclasses.replace(me, process_start=me.process_start - 1)
+    assert _holder.is_stale(earlier) is True  # this pid now runs a newer process
+    later = dataclasses.replace(me, process_start=me.process_start + 1)
+    assert _holder.is_stale(later) is False  # impossible record: no proof, not stale
+
+
+def test_other_hosts_and_uncheckable_records_are_never_stale() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = dataclasses.replace(_holder.this_process([], []), pid=child.pid)
+    assert _holder.is_stale(dataclasses.replace(dead, host="web-2")) is False
+    assert _holder.is_stale(dataclasses.replace(dead, boot_id=None)) is False
+    assert _holder.is_stale(dataclasses.replace(dead, pid_namespace="pid:[1]")) is False
+    assert _holder.is_stale(dataclasses.replace(dead, boot_id="another-boot")) is False
+
+
+def test_record_is_written_atomically_and_removed_only_by_its_owner(tmp_path: Path) -> None:
+    path = str(tmp_path / "app.db.migration-holder")
+    mine = _holder.this_process(["a1b2"], ["c3d4"])
+    assert _holder.write(path, mine)
+    assert _holder.read(path) == mine
+    assert sorted(os.listdir(tmp_path)) == ["app.db.migration-holder"]  # no tmp file left
+    assert json.loads(Path(path).read_text())["to_revisions"] == ["c3d4"]
+    other = dataclasses.replace(mine, pid=mine.pid + 1)
+    _holder.remove(path, other)
+    assert _holder.read(path) == mine
+    _holder.remove(path, mine)
+    assert not os.path.exists(path)
+    Path(path).write_text("{not json")
+    assert _holder.read(path) is None
+
+
+def test_describe_matches_the_issue_format() -> None:
+    holder = Holder(host="web-2", pid=4711, process_start=1, since=100.0,
+                    from_revisions=["a1b2"], to_revisions=["c3d4"])
+    assert _holder.describe(holder, now=101.4) == "pid 4711 on web-2, a1b2 -> c3d4, for 1.4 s"
+
+
+def test_process_start_parses_names_with_spaces_and_parens(tmp_path: Path) -> None:
+    # A process whose name contains ") (" must not shift the fields.
+    script = tmp_path / "a) (b"
+    script.write_text("import time\ntime.sleep(30)\n")
+    exe = tmp_path / "py) x"
+    exe.symlink_to(sys.executable)
+    child = subprocess.Popen([str(exe), str(script)])
+    try:
+        start = _holder.process_start(child.pid)
+        assert start is not None
+        assert start >= (_holder.process_start(os.getpid()) or 0)
+    finally:
+        child.kill()
+        child.wait()
+
+
+# A real holder, seen by waiters and by status ---------------------------------------
+
+@pytest.fixture
+def slow_holder(project: Project, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """`alembic upgrade head` in another process, parked inside revision 0009."""
+    assert project.alembic("upgrade", "head").returncode == 0
+    gate = tmp_path / "go"
+    project.add_revision(
+        "0009", "0008",
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.01)\n"
+        "op.add_column('users', sa.Column('nickname', sa.Text()))",
+    )
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("alembic")), "-c", str(project.ini),
+         "upgrade", "head"],
+        cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _holder.read(str(record_path(project))) is None:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the holder never wrote its record"
+            time.sleep(0.01)
+        yield proc
+        gate.touch()
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        gate.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_waiters_name_the_holder_and_status_shows_it(
+    project: Project, slow_holder: subprocess.Popen[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    record = _holder.read(str(record_path(project)))
+    assert record is not None
+    assert (record.pid, record.host) == (slow_holder.pid, socket.gethostname())
+    assert (record.from_revisions, record.to_revisions) == (["0008"], ["0009"])
+
+    status = subprocess.run([CLI, "status", "--json"], cwd=project.root, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["migration_running"] is True
+    assert report["holder"]["pid"] == slow_holder.pid
+    assert report["holder"]["stale"] is False
+    assert report["pending"] == ["0009"]
+    text = subprocess.run([CLI, "status"], cwd=project.root, capture_output=True,
+                          text=True, timeout=60, check=False).stdout
+    assert f"Migration:  running: pid {slow_holder.pid} on {socket.gethostname()}, " \
+           "0008 -> 0009, for " in text
+
+    caplog.set_level(logging.DEBUG, logger="alembic_sqlite_lock")
+    with pytest.raises(alembic_sqlite_lock.LockTimeout) as caught:
+        alembic_sqlite_lock.upgrade(project.ini, max_attempts=3, base_delay_s=0.01,
+                                    jitter_s=0, busy_timeout_s=0.05)
+    retries = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith("Database locked by another worker")]
+    assert len(retries) == 2
+    for line in retries:
+        assert f" (held by pid {slow_holder.pid} on {socket.gethostname()}, 0008 -> 0009, " \
+               "for " in line
+        assert line.endswith(" s)")
+    assert caught.value.holder is not None
+    assert caught.value.holder.startswith(f"held by pid {slow_holder.pid} on ")
+    assert f"The lock is held by pid {slow_holder.pid}" in str(caught.value)
+
+
+def test_the_record_is_gone_after_the_run(project: Project) -> None:
+    assert project.alembic("upgrade", "head").returncode == 0
+    assert not record_path(project).exists()
+    assert sorted(p.name for p in project.root.iterdir() if p.name.startswith("app.db")) == [
+        "app.db", "app.db.migration-lock"]
+
+
+def test_a_stale_record_blocks_nobody_and_is_replaced(project: Project) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = dataclasses.replace(_holder.this_process([], ["0008"]), pid=child.pid)
+    _holder.write(str(record_path(project)), stale)
+
+    status = subprocess.run([CLI, "status", "--json"], cwd=project.root, capture_output=True,
+                            text=True, timeout=60, check=False)
+    report = json.loads(status.stdout)
+    assert report["migration_running"] is False
+    assert report["holder"]["stale"] is True
+    assert "none running (stale holder record: pid" in subprocess.run(
+        [CLI, "status"], cwd=project.root, capture_output=True, text=True, timeout=60,
+        check=False).stdout
+
+    assert alembic_sqlite_lock.upgrade(project.ini, deadline_s=5)[-1] == "0008"
+    assert not record_path(project).exists()  # replaced by ours, then removed

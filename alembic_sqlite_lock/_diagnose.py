@@ -34,7 +34,6 @@ from ._errors import (
     UnknownDatabaseRevision,
     UnknownRevision,
 )
-from ._settings import resolve_switch
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +256,10 @@ def bad_url(shown: str, error: Exception, ini: str | None) -> ConfigurationError
 
 # Revisions --------------------------------------------------------------------------------
 @contextmanager
-def guarding_revisions(env: EnvironmentContext) -> Iterator[None]:
+def guarding_revisions(env: EnvironmentContext, allow_unknown: bool) -> Iterator[None]:
     """While inside, the command's work function explains revision errors."""
     original = env.context_opts["fn"]
-    allow = resolve_switch(env.config, SETTING)
-    env.context_opts["fn"] = revision_guard(original, env.script, allow_unknown=allow)
+    env.context_opts["fn"] = revision_guard(original, env.script, allow_unknown=allow_unknown)
     try:
         yield
     finally:

@@ -39,7 +39,7 @@ from ._progress import (
     revisions,
 )
 from ._retry import RetryPolicy, acquire
-from ._settings import resolve_settings
+from ._settings import Settings, resolve_settings
 from ._sidecar import Sidecar
 from ._signals import terminate_as_exit
 from ._targets import pin_relative_target
@@ -94,12 +94,12 @@ def run_migrations(
     env.context_opts.update(state.held_opts)
     try:
         kwargs = dict(configure_kwargs, target_metadata=target_metadata)
-        resolve_settings(env.config)  # bad settings fail offline too, naming the setting
+        settings = resolve_settings(env.config)  # bad settings fail offline too
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
-            with _diagnose.guarding_revisions(env):
-                _OnlineRun(env, kwargs, state).run()
+            with _diagnose.guarding_revisions(env, settings.allow_unknown_revision):
+                _OnlineRun(env, kwargs, state, settings).run()
     finally:
         state.inside = False
 
@@ -125,11 +125,16 @@ def _run_offline(env: EnvironmentContext, kwargs: dict[str, Any]) -> None:
 
 
 class _OnlineRun:
-    def __init__(self, env: EnvironmentContext, kwargs: dict[str, Any], state: RunState):
+    def __init__(
+        self,
+        env: EnvironmentContext,
+        kwargs: dict[str, Any],
+        state: RunState,
+        settings: Settings,
+    ) -> None:
         self.env = env
         self.kwargs = kwargs
         self.state = state
-        settings = resolve_settings(env.config)
         self.policy: RetryPolicy = settings.policy
         self.options = RunOptions(
             policy=settings.policy,

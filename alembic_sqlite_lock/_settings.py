@@ -91,11 +91,6 @@ def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -
     return resolve_settings(config, overrides).policy
 
 
-def resolve_switch(config: Config, name: str, overrides: Mapping[str, Any] | None = None) -> bool:
-    """An on/off setting, resolved like every other."""
-    return bool(getattr(resolve_settings(config, overrides), name))
-
-
 def resolve_setting(config: Config, name: str, overrides: Mapping[str, Any] | None = None) -> str:
     """A text setting, resolved like every other."""
     return str(getattr(resolve_settings(config, overrides), name) or "")

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pytest-xdist: the concurrency tests mostly wait on each other, so two per core pays.
 TEST_WORKERS ?= 4
 
-.PHONY: demo test test-lowest lint clean
+.PHONY: demo test test-lowest container-test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test: $(VENV)/.installed
 
 test-lowest: .venv-lowest/.installed
 	.venv-lowest/bin/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# The seed's third level: the Flask example in 3 containers x 4 gunicorn workers on one
+# bind-mounted SQLite file. Needs root on Debian 12; installs podman and debootstrap from
+# Debian's packages and builds the base image on first use (containers/).
+container-test:
+	bash containers/test.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -143,6 +143,7 @@ class _OnlineRun:
             version_table=kwargs.get("version_table") or "alembic_version",
             version_table_schema=kwargs.get("version_table_schema"),
         )
+        self.wait_while_alive = settings.wait_while_holder_alive
         self.command_fn: StepsFn = env.context_opts["fn"]
         # upgrade, downgrade and stamp name a destination; current, check and
         # autogenerate do not, and get no "nothing to do" line.
@@ -228,6 +229,7 @@ class _OnlineRun:
                     url=source.url,
                     causes=source.timeout_causes,
                     describe_holder=sidecar.holder_suffix,
+                    keep_waiting=sidecar.holder_alive if self.wait_while_alive else None,
                 )
             except exc.DBAPIError as error:
                 raise _database_error(source, error) from error

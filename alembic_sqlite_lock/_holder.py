@@ -140,6 +140,15 @@ def is_stale(holder: Holder) -> bool:
     return started > holder.process_start  # the pid was reused by a newer process
 
 
+def provably_alive(holder: Holder) -> bool:
+    """True only on proof that the recorded process still runs: same host, same boot and
+    pid namespace, the pid alive and started when the record says (not a reused pid)."""
+    if Identity.here().same_as(holder.identity) is not True or not _pid_alive(holder.pid):
+        return False
+    started = process_start(holder.pid)
+    return started is not None and started == holder.process_start
+
+
 def describe(holder: Holder, now: float | None = None) -> str:
     """``pid 4711 on web-2, a1b2 -> c3d4, for 1.4 s``."""
     elapsed = max(0.0, (time.time() if now is None else now) - holder.since)

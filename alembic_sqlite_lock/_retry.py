@@ -103,6 +103,7 @@ def acquire(
     rng: _Uniform = random,
     causes: str | None = None,
     describe_holder: Callable[[], str] | None = None,
+    keep_waiting: Callable[[], bool] | None = None,
 ) -> T:
     """Call ``try_lock(busy_timeout_s)`` until it returns, backing off between attempts.
 
@@ -110,19 +111,36 @@ def acquire(
     :class:`LockTimeout` after ``max_attempts`` or at ``deadline_s``, whichever is first.
     ``causes`` replaces the SQLite-specific likely causes in that error's message.
     ``describe_holder()`` returns a suffix naming the lock's holder ("" when unknown).
+    When the attempts or the deadline run out and ``keep_waiting()`` is true, it keeps
+    trying, each attempt waiting a full ``busy_timeout_s``, for as long as it stays true.
     """
     start = clock()
     attempt = 0
+    extended = False  # past the deadline, waiting on a holder that is alive
     while True:
         attempt += 1
         remaining = policy.deadline_s - (clock() - start)
+        timeout = policy.busy_timeout_s if extended else policy.busy_timeout_for(remaining)
         try:
-            return try_lock(policy.busy_timeout_for(remaining))
+            return try_lock(timeout)
         except LockBusy:
             pass
         remaining = policy.deadline_s - (clock() - start)
         holder = describe_holder() if describe_holder is not None else ""
         if attempt >= policy.max_attempts or remaining <= 0:
+            if keep_waiting is not None and keep_waiting():
+                if not extended:
+                    logger.warning(
+                        "Still locked after %.1fs and %d attempts, but the holder is alive on "
+                        "this host%s: waiting on (wait_while_holder_alive)",
+                        clock() - start,
+                        attempt,
+                        holder,
+                    )
+                extended = True
+                # Each attempt blocks up to busy_timeout_s; never spin when that is ~0.
+                sleep(max(0.0, 1.0 - policy.busy_timeout_s))
+                continue
             error = lock_timeout(url, attempt, clock() - start, causes)
             if holder:
                 error.holder = holder.strip(" ()")

@@ -27,6 +27,10 @@ SETTING_HELP = {
         "true: start anyway (a WARNING, nothing migrated) when the database is at a "
         "revision this code does not have"
     ),
+    "wait_while_holder_alive": (
+        "true: past deadline_s, keep waiting while the recorded holder is provably alive "
+        "on this host"
+    ),
     "lock_key": "PostgreSQL/MySQL: what the lock is keyed on (default: derived)",
     "lock_scope": "PostgreSQL: session, or transaction behind PgBouncer transaction pooling",
     "backup_dir": (

@@ -41,6 +41,9 @@ class Settings:
     allow_unknown_revision: bool = False
     """Start anyway, with a WARNING and migrating nothing, when the database is at a
     revision this code does not have (an older release booting after a newer one)."""
+    wait_while_holder_alive: bool = False
+    """Past deadline_s, keep waiting while the recorded holder is provably alive on this
+    host (a long migration), and still time out when it is not (or cannot be checked)."""
     backup_dir: str = ""
     """Empty: no backups. A directory (relative to the database's): the worker about to
     migrate copies the database there first (VACUUM INTO)."""
@@ -64,6 +67,7 @@ _TYPES: dict[str, type] = {
     "lock_key": str,
     "lock_scope": str,
     "allow_unknown_revision": bool,
+    "wait_while_holder_alive": bool,
     "backup_dir": str,
 }
 NAMES = tuple(_TYPES)

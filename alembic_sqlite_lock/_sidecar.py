@@ -29,6 +29,13 @@ class Sidecar:
         )
         self._record: _holder.Holder | None = None
 
+    def holder_alive(self) -> bool:
+        """The recorded holder provably runs on this host (for wait_while_holder_alive)."""
+        if self.record_path is None:
+            return False
+        holder = _holder.read(self.record_path)
+        return holder is not None and _holder.provably_alive(holder)
+
     def holder_suffix(self) -> str:
         """`` (held by pid 4711 on web-2, a1b2 -> c3d4, for 1.4 s)`` or ""."""
         return _holder.suffix(self.record_path)

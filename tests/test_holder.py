@@ -198,3 +198,50 @@ def test_a_stale_record_blocks_nobody_and_is_replaced(project: Project) -> None:
 
     assert alembic_sqlite_lock.upgrade(project.ini, deadline_s=5)[-1] == "0008"
     assert not record_path(project).exists()  # replaced by ours, then removed
+
+
+# wait_while_holder_alive -------------------------------------------------------------
+
+def test_waiting_past_the_deadline_while_the_holder_is_alive(
+    project: Project, slow_holder: subprocess.Popen[str], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A long migration: the waiter keeps waiting past deadline_s while the recorded
+    holder provably runs, and goes on as soon as it commits."""
+    caplog.set_level(logging.WARNING, logger="alembic_sqlite_lock")
+    results: list[object] = []
+
+    def wait() -> None:
+        try:
+            results.append(alembic_sqlite_lock.upgrade(
+                project.ini, deadline_s=0.5, busy_timeout_s=0.2, wait_while_holder_alive=True))
+        except Exception as error:  # asserted below
+            results.append(error)
+
+    import threading
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(1.5)  # well past the waiter's deadline
+    assert results == []  # still waiting, not timed out
+    (tmp_path / "go").touch()  # the slow holder's revision finishes
+    waiter.join(timeout=60)
+    assert results == [[]]  # the holder did the work; the waiter found it done
+    assert any("holder is alive on this host" in r.getMessage() for r in caplog.records)
+
+
+def test_waiting_past_the_deadline_still_times_out_without_a_live_holder(
+    project: Project,
+) -> None:
+    """The lock held with no holder record (nothing provable): LockTimeout at the deadline."""
+    import fcntl
+
+    fd = os.open(str(project.db) + ".migration-lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(alembic_sqlite_lock.LockTimeout):
+            alembic_sqlite_lock.upgrade(project.ini, deadline_s=0.5, busy_timeout_s=0.2,
+                                        wait_while_holder_alive=True)
+    finally:
+        os.close(fd)
+    assert project.version() == []

@@ -13,13 +13,13 @@ made, how the lock is taken and released, and what a failure leaves behind:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import exc
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 
 from ._errors import ConfigurationError
 from ._retry import RetryPolicy
@@ -79,6 +79,23 @@ class Backend(Protocol):
     def close(self) -> None:
         """End of the run: dispose of engines, restore a handed-in connection."""
         ...
+
+
+class ServerBackend:
+    """What the server databases share: a pooled look at the version, no file beside."""
+
+    engine: Engine
+
+    database_file = None
+    """No file beside the database for a holder record or a backup."""
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with self.engine.connect() as connection:
+            yield connection
+
+    def is_busy(self, error: BaseException) -> bool:
+        return False  # reading the version table never waits on a migration there
 
 
 @dataclass(frozen=True)

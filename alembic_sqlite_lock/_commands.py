@@ -49,11 +49,7 @@ def upgrade(
     """
     cfg = _as_config(config)
     script = ScriptDirectory.from_config(cfg)
-    starting_rev = None
-    if ":" in revision:
-        if not sql:
-            raise CommandError("Range revision not allowed")
-        starting_rev, revision = revision.split(":", 2)
+    starting_rev, revision = _split_range(revision, sql=sql)
 
     def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
         # alembic.command passes the heads tuple here too, despite the annotation.
@@ -74,13 +70,9 @@ def downgrade(
     """Downgrade to ``revision`` under the migration lock. Returns the reverted revisions."""
     cfg = _as_config(config)
     script = ScriptDirectory.from_config(cfg)
-    starting_rev = None
-    if ":" in revision:
-        if not sql:
-            raise CommandError("Range revision not allowed")
-        starting_rev, revision = revision.split(":", 2)
-    elif sql:
+    if sql and ":" not in revision:
         raise CommandError("downgrade with --sql requires <fromrev>:<torev>")
+    starting_rev, revision = _split_range(revision, sql=sql)
 
     def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
         return script._downgrade_revs(revision, heads)  # type: ignore[arg-type]
@@ -121,6 +113,16 @@ def stamp(
 
     return _run(cfg, script, steps, settings, as_sql=sql, starting_rev=starting_rev,
                 destination_rev=tuple(destinations), tag=tag, purge=purge)
+
+
+def _split_range(revision: str, *, sql: bool) -> tuple[str | None, str]:
+    """``FROM:TO`` (offline only, as in alembic.command) into its two ends."""
+    if ":" not in revision:
+        return None, revision
+    if not sql:
+        raise CommandError("Range revision not allowed")
+    starting_rev, revision = revision.split(":", 2)
+    return starting_rev, revision
 
 
 def _as_config(config: ConfigLike) -> Config:

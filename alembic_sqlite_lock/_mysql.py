@@ -21,14 +21,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 
 from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from ._backend import RunOptions, describe_url
+from ._backend import RunOptions, ServerBackend, describe_url
 from ._errors import ConfigurationError, MigrationLockError
 from ._retry import LockBusy
 
@@ -68,7 +67,7 @@ def create_engine(section: Mapping[str, str]) -> Engine:
         raise ConfigurationError(msg) from error
 
 
-class MySQLBackend:
+class MySQLBackend(ServerBackend):
     transactional = False
     unreadable_hint = (
         "Check that the server is up and reachable, that the database named in the URL "
@@ -100,16 +99,6 @@ class MySQLBackend:
         self._held: dict[int, tuple[Connection, int]] = {}
         self._logged = False
 
-    @contextmanager
-    def reading(self) -> Iterator[Connection]:
-        with self.engine.connect() as connection:
-            yield connection
-
-    database_file = None
-    """A server database: no file beside it for a holder record or a backup."""
-
-    def is_busy(self, error: BaseException) -> bool:
-        return False
 
     run_long_lock = True
     """GET_LOCK lives on its own connection, whatever the migration commits."""

@@ -31,14 +31,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 
 from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from ._backend import RunOptions, describe_url
+from ._backend import RunOptions, ServerBackend, describe_url
 from ._errors import ConfigurationError
 from ._retry import LockBusy
 
@@ -104,7 +103,7 @@ def create_engine(section: Mapping[str, str], extra: str) -> Engine:
         raise ConfigurationError(msg) from error
 
 
-class PostgresBackend:
+class PostgresBackend(ServerBackend):
     transactional = True
     unreadable_hint = (
         "Check that the server is up and reachable, that the database named in the URL "
@@ -128,16 +127,6 @@ class PostgresBackend:
         self.engine = create_engine(section, "postgresql")
         self._logged = False
 
-    @contextmanager
-    def reading(self) -> Iterator[Connection]:
-        with self.engine.connect() as connection:
-            yield connection
-
-    database_file = None
-    """A server database: no file beside it for a holder record or a backup."""
-
-    def is_busy(self, error: BaseException) -> bool:
-        return False  # reading the version table never waits on a migration here
 
     @property
     def run_long_lock(self) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,3 +101,14 @@ class Project:
 def project(tmp_path: Path) -> Iterator[Project]:
     make_project(tmp_path / "proj")
     return Project(tmp_path / "proj")
+
+
+@contextmanager
+def held_flock(path: Path) -> Iterator[None]:
+    """Another holder of a run lock: its own open file description, flock taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

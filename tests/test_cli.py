@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
 import shutil
 import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_REVISIONS, REPO, Project, run_together
+from conftest import DEMO_REVISIONS, REPO, Project, held_flock, run_together
 
 from alembic_sqlite_lock import _cli
 from alembic_sqlite_lock._runlock import SUFFIX
@@ -50,14 +46,6 @@ class InitProject(Project):
         return self.root / "migrations" / "versions"
 
 
-@contextmanager
-def held_flock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:

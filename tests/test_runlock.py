@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from conftest import Project
+from conftest import Project, held_flock
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock._runlock import SUFFIX, RunLock, lock_path_for
-
-
-@contextmanager
-def held_flock(path: Path) -> Iterator[None]:
-    """Another holder: a separate open file description with the flock taken."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def test_a_held_run_lock_makes_a_pending_upgrade_wait_then_time_out(project: Project) -> None:

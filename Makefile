@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pytest-xdist: the concurrency tests mostly wait on each other, so two per core pays.
 TEST_WORKERS ?= 4
 
-.PHONY: demo test test-lowest container-test lint clean
+.PHONY: demo test test-lowest container-test bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ test: $(VENV)/.installed
 
 test-lowest: .venv-lowest/.installed
 	.venv-lowest/bin/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# The benchmark of issue 6 (bench/): BENCH_ARGS=--quick for a ~1.5 minute run (full: ~5).
+# Writes bench/results/bench.{md,png,json}; BENCH_ARGS=--publish also bench/latest.{md,png}.
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
+	$(PY) -m bench $(BENCH_ARGS)
 
 # The seed's third level: the Flask example in 3 containers x 4 gunicorn workers on one
 # bind-mounted SQLite file. Needs root on Debian 12; installs podman and debootstrap from

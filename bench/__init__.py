@@ -1,0 +1,9 @@
+"""The benchmark of issue 6: how long N workers take to run ``upgrade head`` on SQLite.
+
+    make bench                    # full run, about 5 minutes on an idle 2-core machine
+    make bench BENCH_ARGS=--quick # about 1.5 minutes, fewer repeats
+
+Variants, side by side in one run: stock Alembic alone and with N racing workers,
+``filelock.FileLock`` around ``alembic.command.upgrade`` (what users write by hand), and
+this library. See ``python -m bench --help``.
+"""

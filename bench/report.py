@@ -1,0 +1,222 @@
+"""The table (markdown) and the plot (PNG) of a run.
+
+Floors and targets are issue 6's:
+
+* one worker: stock Alembic alone ("solo"); ours within 1.05x;
+* cold start with N workers: stock solo + stock warm start with N workers (what stock
+  Alembic would need if it were safe); ours within 1.15x;
+* warm start with N workers: stock warm start with N workers; ours within 1.10x;
+* hand-off: the median under 2 ms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .stats import Results, Series
+from .variants import BY_NAME, FILELOCK, OURS, STOCK
+
+HANDOFF_TARGET_S = 0.002
+LEGEND = """\
+Times are from one start signal to the last worker done (forked workers, imports done
+before the fork), median and p95 over the repeats. Floor: for one worker, stock Alembic
+alone (cold N = 1); for a cold start with N workers, stock solo + stock warm start with N
+workers (what stock Alembic would need if it were safe); for warm, the command line and
+the long chain, stock Alembic in the same case. "CPU ms/worker" is user + system time of
+the workers (for the command line: of the whole process). Stock Alembic with N workers
+races: its "failed" column counts workers that raised, per repeat."""
+CASE_TITLES = {
+    "cold": "cold",
+    "warm": "warm",
+    "cli-cold": "CLI cold",
+    "cli-warm": "CLI warm",
+    "handoff": "hand-off: commit to next revision running",
+    "handoff-lock": "hand-off: commit to waiter holding the lock",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    n: int
+    series: Series
+    floor_s: float | None
+    target: str
+    met: bool | None
+
+
+def floor_for(results: Results, case: str, n: int) -> float | None:
+    """What stock Alembic would need if it were safe (see the module docstring)."""
+    solo = results.get("cold", STOCK.name, 1)
+    if case == "cold":
+        warm = results.get("warm", STOCK.name, n)
+        if solo is None or (n > 1 and warm is None):
+            return None
+        return solo.median if n == 1 else solo.median + warm.median  # type: ignore[union-attr]
+    if case.startswith("handoff"):
+        return None
+    stock = results.get(case, STOCK.name, n)
+    return None if stock is None else stock.median
+
+
+def _target(case: str, n: int) -> tuple[str, float | None]:
+    if case.startswith("handoff"):
+        return f"< {HANDOFF_TARGET_S * 1000:.0f} ms", None
+    if case == "cold" and n > 1:
+        return "<= 1.15x", 1.15
+    if case == "warm":
+        return "<= 1.10x", 1.10
+    return "<= 1.05x", 1.05  # one worker: solo cold, the command line, a long chain
+
+
+def rows(results: Results) -> Iterator[Row]:
+    order = {name: i for i, name in enumerate(["cold", "warm", "cli-cold", "cli-warm"])}
+    variants = {name: i for i, name in enumerate(BY_NAME)}
+
+    def key(s: Series) -> tuple[int, str, int, int]:
+        return (order.get(s.case, 10 if s.case.startswith("chain") else 20), s.case, s.n,
+                variants[s.variant])
+
+    for series in sorted(results.all(), key=key):
+        floor_s = floor_for(results, series.case, series.n)
+        target, limit = _target(series.case, series.n)
+        met: bool | None = None
+        if series.variant == OURS.name and series.seconds:
+            if series.case.startswith("handoff"):
+                met = series.median < HANDOFF_TARGET_S
+            elif floor_s and limit is not None:
+                met = series.median / floor_s <= limit
+        yield Row(series.case, series.n, series, floor_s, target if met is not None else "", met)
+
+
+def _ms(seconds: float | None, digits: int = 1) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "-"
+    return f"{seconds * 1000:.{digits}f}"
+
+
+def _case_title(case: str) -> str:
+    if case.startswith("chain"):
+        return f"chain of {case.removeprefix('chain')}"
+    return CASE_TITLES.get(case, case)
+
+
+def _failed(series: Series) -> str:
+    if not series.failed:
+        return "-"
+    total = sum(series.failed)
+    text = "0" if total == 0 else (f"{total / len(series.failed):.1f} of {series.n} "
+                                   "per repeat")
+    if series.broken:
+        text += f"; DB wrong after {series.broken}/{len(series.seconds)}"
+    return text
+
+
+def markdown_table(results: Results) -> str:
+    lines = [
+        "| case | N | variant | median ms | p95 ms | floor ms | x floor | target "
+        "| CPU ms/worker | failed |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for row in rows(results):
+        s = row.series
+        digits = 2 if row.case.startswith("handoff") else 1
+        ratio = f"{s.median / row.floor_s:.2f}" if row.floor_s else "-"
+        target = row.target + ("" if row.met is None else (" ok" if row.met else " **MISSED**"))
+        n = "1+1" if row.case.startswith("handoff") else str(row.n)
+        lines.append(
+            f"| {_case_title(row.case)} | {n} | {BY_NAME[s.variant].label} | "
+            f"{_ms(s.median, digits)} | {_ms(s.p95, digits)} | {_ms(row.floor_s)} | {ratio} | "
+            f"{target} | {_ms(s.cpu_per_worker_s if s.cpu_s else None)} | {_failed(s)} |"
+        )
+    return "\n".join(lines)
+
+
+def per_revision(results: Results) -> list[str]:
+    """The cost of one more revision: the slope between the two chain lengths."""
+    lengths = sorted({int(s.case.removeprefix("chain")) for s in results.all()
+                      if s.case.startswith("chain")})
+    if len(lengths) < 2:
+        return []
+    short, long = lengths[0], lengths[-1]
+    lines = []
+    for variant in (STOCK, OURS):
+        a = results.get(f"chain{short}", variant.name, 1)
+        b = results.get(f"chain{long}", variant.name, 1)
+        if a and b:
+            slope = (b.median - a.median) / (long - short)
+            lines.append(f"- {variant.label}: {slope * 1000:.2f} ms per revision "
+                         f"(median of {long} revisions minus median of {short}, "
+                         f"divided by {long - short}); {b.median / long * 1000:.2f} ms per "
+                         f"revision all in ({long} revisions)")
+    return lines
+
+
+def error_kinds(results: Results) -> list[str]:
+    lines = []
+    for series in results.all():
+        if series.errors:
+            kinds = ", ".join(f"{kind} ({count})" for kind, count in series.errors.most_common(4))
+            lines.append(f"- {series.case} N={series.n} {BY_NAME[series.variant].label}: "
+                         f"{kinds}")
+    return lines
+
+
+def plot(results: Results, path: Path, title: str) -> None:
+    """Time vs N, one line per variant: cold start on the left, warm start on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    styles = {STOCK.name: ("tab:red", "x", "stock Alembic, N racing (unsafe)"),
+              FILELOCK.name: ("tab:orange", "s", FILELOCK.label),
+              OURS.name: ("tab:blue", "o", OURS.label)}
+    for ax, case in zip(axes, ("cold", "warm"), strict=True):
+        for variant, (color, marker, name) in styles.items():
+            series = sorted((s for s in results.all() if s.case == case and s.variant == variant),
+                            key=lambda s: s.n)
+            label = name
+            if variant == STOCK.name and case == "cold":
+                series = [s for s in series if s.n > 1]  # N = 1 is the floor, drawn below
+            elif variant == STOCK.name:
+                label = "stock Alembic (the floor)"
+            if not series:
+                continue
+            ns = [s.n for s in series]
+            med = [s.median * 1000 for s in series]
+            up = [max(0.0, s.p95 * 1000 - m) for s, m in zip(series, med, strict=True)]
+            ax.errorbar(ns, med, yerr=[[0.0] * len(med), up], color=color, marker=marker,
+                        label=label, capsize=3, linewidth=1.5)
+        if case == "cold":
+            ns = sorted({s.n for s in results.all() if s.case == "cold"})
+            floors = [(n, floor_for(results, "cold", n)) for n in ns]
+            points = [(n, f * 1000) for n, f in floors if f is not None]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], "k--",
+                        label="floor: stock solo + stock warm N", linewidth=1.2)
+                ax.plot([p[0] for p in points], [p[1] * 1.15 for p in points], ":",
+                        color="grey", label="target: 1.15 x floor", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({s.n for s in results.all() if s.case == case}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _p: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _p: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("N workers released at once")
+        ax.set_ylabel("ms until the last worker is done (median; bar to p95)")
+        ax.set_title("cold start: fresh file, 8 revisions" if case == "cold"
+                     else "warm start: database already at head")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,154 @@
+"""``python -m bench``: run every case, print the table, write the plot and the table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import cases, handoff, report
+from .machine import describe
+from .projects import REPO
+from .stats import Results
+from .variants import ALL, FILELOCK, OURS, STOCK
+
+RESULTS = REPO / "bench" / "results"
+SECTIONS = ("start", "cli", "chain", "handoff")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="5 repeats instead of 20: about 1.5 minutes instead of 5 "
+                             "on an idle 2-core machine")
+    parser.add_argument("--repeats", type=int, help="repeats per case (overrides --quick)")
+    parser.add_argument("--ns", type=_ints, default=[1, 4, 10, 32, 64],
+                        help="N for the cold start (default 1,4,10,32,64)")
+    parser.add_argument("--warm-ns", type=_ints, default=[1, 10, 32],
+                        help="N for the warm start (default 1,10,32)")
+    parser.add_argument("--chain", type=_ints, default=[20, 80],
+                        help="long-chain lengths; the per-revision cost is the slope between "
+                             "the first and the last (default 20,80)")
+    parser.add_argument("--only", type=lambda s: s.split(","), default=list(SECTIONS),
+                        help=f"sections to run, of {','.join(SECTIONS)}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
+    parser.add_argument("--publish", action="store_true",
+                        help="also write bench/latest.md and bench/latest.png (committed)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary projects")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="first wait up to SECONDS for the 1-minute load average to drop "
+                             "below half the CPU count (other work skews every number)")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 20
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    return args
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    enable_bytecode()
+    if args.wait_idle:
+        wait_until_idle(args.wait_idle)
+    tmp = Path(tempfile.mkdtemp(prefix="alembic-sqlite-lock-bench-"))
+    machine = describe(tmp)
+    results = Results()
+    bench = cases.Bench(tmp=tmp, repeats=args.repeats, results=results, say=say)
+    started = time.monotonic()
+    try:
+        if "start" in args.only:
+            say(f"cold start N={args.ns}, warm start N={args.warm_ns}, "
+                f"{args.repeats} repeats")
+            warm = {STOCK.name: sorted(set(args.ns) | set(args.warm_ns)),
+                    FILELOCK.name: args.warm_ns, OURS.name: args.warm_ns}
+            cases.cold_and_warm(bench, ALL, args.ns, warm)
+        if "cli" in args.only:
+            say("command line")
+            cases.command_line(bench)
+        if "chain" in args.only:
+            say(f"long chain {args.chain}")
+            cases.long_chain(bench, args.chain)
+        if "handoff" in args.only:
+            say("hand-off")
+            handoff.measure(bench)
+    finally:
+        if args.keep:
+            say(f"projects and the worker log kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    machine.append(("Load average at the end", " ".join(f"{x:.2f}" for x in os.getloadavg())))
+    text = render(machine, results, args, elapsed)
+    print(text)
+    write(args.out, text, results, machine, publish=args.publish)
+    return 0
+
+
+def enable_bytecode() -> None:
+    """Let workers use and write .pyc files, as a normal installation does.
+
+    With PYTHONDONTWRITEBYTECODE set (some sandboxes and containers set it), every
+    worker would compile env.py, each revision file and, on the command line, every
+    module of an editable install, again: a cost of the environment, not of migrating.
+    The unmeasured first round writes the .pyc files.
+    """
+    sys.dont_write_bytecode = False
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
+def wait_until_idle(limit_s: float) -> None:
+    idle = (os.cpu_count() or 1) / 2
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= idle and time.monotonic() < deadline:
+        say(f"waiting for the machine to be idle: load {os.getloadavg()[0]:.2f}")
+        time.sleep(10)
+
+
+def render(machine: list[tuple[str, str]], results: Results, args: argparse.Namespace,
+           elapsed_s: float) -> str:
+    parts = ["## Machine", "", *(f"- {key}: {value}" for key, value in machine), "",
+             f"{args.repeats} repeats{' (--quick)' if args.quick else ''}; "
+             f"the whole run took {elapsed_s:.0f} s.", "", "## Results", "",
+             report.LEGEND, "", report.markdown_table(results), ""]
+    slopes = report.per_revision(results)
+    if slopes:
+        parts += ["Cost per revision (long chain, one worker):", "", *slopes, ""]
+    errors = report.error_kinds(results)
+    if errors:
+        parts += ["Why workers failed:", "", *errors, ""]
+    return "\n".join(parts)
+
+
+def write(out: Path, text: str, results: Results, machine: list[tuple[str, str]], *,
+          publish: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{machine[0][1]}; Python {machine[2][1]}, SQLite {machine[3][1]}"
+    (out / "bench.md").write_text(text)
+    (out / "bench.json").write_text(json.dumps(
+        {"machine": dict(machine), "series": [s.as_dict() for s in results.all()]}, indent=1))
+    has_plot = any(s.case in ("cold", "warm") for s in results.all())
+    if has_plot:
+        report.plot(results, out / "bench.png", title)
+    say(f"wrote {out / 'bench.md'}" + (f" and {out / 'bench.png'}" if has_plot else ""))
+    if publish:
+        latest = REPO / "bench"
+        (latest / "latest.md").write_text(text)
+        if has_plot:
+            shutil.copy(out / "bench.png", latest / "latest.png")
+        say(f"published {latest / 'latest.md'}")

@@ -56,6 +56,11 @@ class Backend(Protocol):
         """The unlocked look hit a lock: the locked pass will wait its turn instead."""
         ...
 
+    def wait_for_running(self, timeout_s: float) -> bool:
+        """If another worker is migrating now, wait (at most ``timeout_s``) until it has
+        finished, without queueing for the lock; True when a run was waited for."""
+        ...
+
     def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
         """One attempt: return the migration connection with the lock held, waiting at
         most ``timeout_s``; raise ``LockBusy`` when another worker kept the lock.
@@ -96,6 +101,9 @@ class ServerBackend:
 
     def is_busy(self, error: BaseException) -> bool:
         return False  # reading the version table never waits on a migration there
+
+    def wait_for_running(self, timeout_s: float) -> bool:
+        return False  # waiters queue for the server's lock and re-check one at a time
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ transaction makes it an "external" transaction that Alembic leaves alone.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,17 +164,31 @@ class _OnlineRun:
             shown = describe_url(section.get("sqlalchemy.url", ""))
             raise _diagnose.bad_url(shown, error, config.config_file_name) from error
         try:
+            started = time.monotonic()
             # purge empties the version table before the command looks at it, which is
             # a write: such a run goes straight to the lock.
-            if self.env.context_opts.get("purge") or not self._finished_unlocked(source):
-                # SIGTERM (a CLI run stopped by its supervisor) rolls the run back.
-                with terminate_as_exit():
-                    self._run_locked(source, saw_work=not self.env.context_opts.get("purge"))
+            purge = bool(self.env.context_opts.get("purge"))
+            if not purge:
+                if self._finished_unlocked(source):
+                    return
+                # Work to do. If another worker is migrating, wait for it to finish and
+                # look again: usually it did the same work.
+                waited = source.wait_for_running(
+                    self.policy.busy_timeout_for(self.policy.deadline_s)
+                )
+                if waited and self._finished_unlocked(source, after_wait=True):
+                    return
+            # SIGTERM (a CLI run stopped by its supervisor) rolls the run back.
+            with terminate_as_exit():
+                self._run_locked(source, saw_work=not purge, started=started)
         finally:
             source.close()
 
-    def _finished_unlocked(self, source: Backend) -> bool:
-        """Pass 1: True when the command had nothing to migrate and is done."""
+    def _finished_unlocked(self, source: Backend, *, after_wait: bool = False) -> bool:
+        """A look without the lock: True when the command has nothing to migrate.
+
+        ``after_wait``: a second look, after waiting for another worker's run.
+        """
         try:
             with source.reading() as connection:
                 self.env.configure(connection=connection, **self.kwargs)
@@ -182,6 +197,8 @@ class _OnlineRun:
                 steps = list(self.command_fn(heads, migration_context))
                 if steps:
                     connection.rollback()
+                    if after_wait:
+                        return False  # the first look already pinned relative targets
                     self.command_fn = pin_relative_target(
                         self.command_fn,
                         self.env.script,
@@ -196,10 +213,13 @@ class _OnlineRun:
                 return False  # the locked pass waits its turn, with retries
             raise _database_error(source, error) from error
         if self.migrates:
-            logger.info("Database already at %s, nothing to do", revisions(heads))
+            if after_wait:
+                logger.info("All migrations already applied by another worker")
+            else:
+                logger.info("Database already at %s, nothing to do", revisions(heads))
         return True
 
-    def _run_locked(self, source: Backend, *, saw_work: bool) -> None:
+    def _run_locked(self, source: Backend, *, saw_work: bool, started: float) -> None:
         # transaction_per_migration lets Alembic commit after each revision; only a
         # lock that outlives a transaction keeps other workers out between revisions.
         per_migration = bool(self.kwargs.get("transaction_per_migration"))
@@ -230,6 +250,7 @@ class _OnlineRun:
                     causes=source.timeout_causes,
                     describe_holder=sidecar.holder_suffix,
                     keep_waiting=sidecar.holder_alive if self.wait_while_alive else None,
+                    started_at=started,  # the deadline counts from the first wait
                 )
             except exc.DBAPIError as error:
                 raise _database_error(source, error) from error

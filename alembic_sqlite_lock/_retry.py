@@ -104,6 +104,7 @@ def acquire(
     causes: str | None = None,
     describe_holder: Callable[[], str] | None = None,
     keep_waiting: Callable[[], bool] | None = None,
+    started_at: float | None = None,
 ) -> T:
     """Call ``try_lock(busy_timeout_s)`` until it returns, backing off between attempts.
 
@@ -113,8 +114,9 @@ def acquire(
     ``describe_holder()`` returns a suffix naming the lock's holder ("" when unknown).
     When the attempts or the deadline run out and ``keep_waiting()`` is true, it keeps
     trying, each attempt waiting a full ``busy_timeout_s``, for as long as it stays true.
+    ``started_at`` (a ``clock()`` reading): when the wait began, if before this call.
     """
-    start = clock()
+    start = clock() if started_at is None else started_at
     attempt = 0
     extended = False  # past the deadline, waiting on a holder that is alive
     while True:

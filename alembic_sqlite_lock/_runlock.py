@@ -62,13 +62,18 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, timeout_s: float) -> bool:
-        """Take the lock within ``timeout_s``; False if another process kept it."""
+    def acquire(self, timeout_s: float, *, shared: bool = False) -> bool:
+        """Take the lock within ``timeout_s``; False if another process kept it.
+
+        ``shared``: many holders at once, none while a run holds it exclusively; waiters
+        use it to wait for a run to end and then all look at the result in parallel.
+        """
         assert self._fd is None, "RunLock is not reentrant"
         fd = self._open()
         if fd is None:
             return True  # no usable lock file: SQLite's lock alone serializes the run
-        if _try_flock(fd) or _flock_waiting(fd, timeout_s):
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        if _try_flock(fd, mode) or _flock_waiting(fd, timeout_s, mode):
             self._fd = fd
             return True
         return False
@@ -77,6 +82,9 @@ class RunLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing the descriptor releases its flock
+            # Let the woken waiter run now: on a small machine the kernel would otherwise
+            # keep running this process through its teardown first (about 1-2 ms).
+            os.sched_yield()
 
     def _open(self) -> int | None:
         if self.path is None:
@@ -91,15 +99,15 @@ class RunLock:
         return None
 
 
-def _try_flock(fd: int) -> bool:
+def _try_flock(fd: int, mode: int) -> bool:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     return True
 
 
-def _flock_waiting(fd: int, timeout_s: float) -> bool:
+def _flock_waiting(fd: int, timeout_s: float, mode: int) -> bool:
     """Block in the kernel for the lock, giving up after ``timeout_s``.
 
     ``flock`` has no timeout, so a daemon thread blocks in it while this thread waits
@@ -114,7 +122,7 @@ def _flock_waiting(fd: int, timeout_s: float) -> bool:
     abandoned = False
 
     def wait() -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, mode)
         with guard:
             if abandoned:
                 os.close(fd)

@@ -14,6 +14,7 @@ release the lock SQLite holds for us.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -239,6 +240,22 @@ class _Source:
     @property
     def run_long_lock(self) -> bool:
         return RunLock(self._lock_path()).usable
+
+    def wait_for_running(self, timeout_s: float) -> bool:
+        """Wait for a running migration with a *shared* run lock: when it ends, every
+        waiter wakes at once and looks at the result in parallel, instead of queueing
+        for the exclusive lock only to find, one after another, that the work is done."""
+        path = self._lock_path()
+        if path is None or not os.path.exists(path):
+            return False  # no run ever started here (and a look creates nothing on disk)
+        run_lock = RunLock(path)
+        if run_lock.acquire(0, shared=True):  # nobody is migrating right now
+            run_lock.release()
+            return False
+        if not run_lock.acquire(timeout_s, shared=True):
+            return False
+        run_lock.release()
+        return True
 
     def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
         """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""

@@ -1,14 +1,16 @@
 """``run_migrations()``: the one call a user's env.py makes, online or offline.
 
-Online, a run has two passes:
+Online, a run goes in up to three steps:
 
 1. A look without the write lock: read the version table and ask the command what it
    would do. Read-only commands (``current``, ``check``, ``revision --autogenerate``)
    finish here, and so does an upgrade that finds the database at its target: a
    restart never blocks the app's writers.
-2. Otherwise, the locked run: BEGIN IMMEDIATE, then Alembic reads the version again,
+2. If another worker is migrating right now, wait for it to finish (a shared run lock,
+   so that all such waiters wake together) and look again: usually it did the work.
+3. Otherwise, the locked run: BEGIN IMMEDIATE, then Alembic reads the version again,
    runs every pending migration and writes the version row, all in that one
-   transaction, then COMMIT. A worker that saw work to do in pass 1 decides again here,
+   transaction, then COMMIT. A worker that saw work to do before decides again here,
    so it never repeats what another worker did in between.
 
 Alembic treats SQLite's DDL as non-transactional and would COMMIT after each revision

@@ -128,6 +128,15 @@ def describe_url(url: Any) -> str:
 SUPPORTED = "sqlite, postgresql, mysql and mariadb"
 
 
+def missing_driver(url: str, error: ImportError, extra: str) -> ConfigurationError:
+    """The error for a server URL whose driver is not installed."""
+    msg = (
+        f"The database driver for {describe_url(url)} is not installed ({error}). "
+        f"Install it with: pip install 'alembic-sqlite-lock[{extra}]'"
+    )
+    return ConfigurationError(msg)
+
+
 def open_backend(
     *,
     section: Mapping[str, str] | None,

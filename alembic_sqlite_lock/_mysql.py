@@ -27,7 +27,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from ._backend import RunOptions, ServerBackend, describe_url
+from ._backend import RunOptions, ServerBackend, describe_url, missing_driver
 from ._errors import ConfigurationError, MigrationLockError
 from ._retry import LockBusy
 
@@ -60,11 +60,7 @@ def create_engine(section: Mapping[str, str]) -> Engine:
     try:
         return engine_from_config(options, prefix="sqlalchemy.", poolclass=NullPool)
     except ImportError as error:
-        msg = (
-            f"The database driver for {describe_url(section['sqlalchemy.url'])} is not "
-            f"installed ({error}). Install it with: pip install 'alembic-sqlite-lock[mysql]'"
-        )
-        raise ConfigurationError(msg) from error
+        raise missing_driver(section["sqlalchemy.url"], error, "mysql") from error
 
 
 class MySQLBackend(ServerBackend):

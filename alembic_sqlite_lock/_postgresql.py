@@ -37,7 +37,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from ._backend import RunOptions, ServerBackend, describe_url
+from ._backend import RunOptions, ServerBackend, describe_url, missing_driver
 from ._errors import ConfigurationError
 from ._retry import LockBusy
 
@@ -96,11 +96,7 @@ def create_engine(section: Mapping[str, str], extra: str) -> Engine:
             isolation_level="READ COMMITTED",
         )
     except ImportError as error:
-        msg = (
-            f"The database driver for {describe_url(section['sqlalchemy.url'])} is not "
-            f"installed ({error}). Install it with: pip install 'alembic-sqlite-lock[{extra}]'"
-        )
-        raise ConfigurationError(msg) from error
+        raise missing_driver(section["sqlalchemy.url"], error, extra) from error
 
 
 class PostgresBackend(ServerBackend):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,3 +114,30 @@ def held_flock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _upgrade_after_barrier(ini: str, barrier: Any, results: Any) -> None:
+    import alembic_sqlite_lock
+
+    barrier.wait()
+    results.put(alembic_sqlite_lock.upgrade(ini))
+
+
+def upgrade_in_processes(ini: Path, workers: int) -> tuple[list[int | None], list[list[str]]]:
+    """``workers`` forked processes call ``upgrade(ini)`` at once, released by a
+    fork-inherited Barrier; returns their exit codes and what each one applied."""
+    fork = multiprocessing.get_context("fork")
+    barrier = fork.Barrier(workers, timeout=60)
+    results = fork.Queue()
+    procs = [fork.Process(target=_upgrade_after_barrier, args=(str(ini), barrier, results))
+             for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+    try:
+        applied = [results.get(timeout=120) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return [proc.exitcode for proc in procs], applied

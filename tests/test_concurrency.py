@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import re
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import DEMO_REVISIONS, Project, run_together
+from conftest import DEMO_REVISIONS, Project, run_together, upgrade_in_processes
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import _commands
-
-FORK = multiprocessing.get_context("fork")
 
 
 def assert_migrated_once(project: Project) -> None:
@@ -55,31 +51,12 @@ def test_cli_workers_started_together_apply_each_migration_once(
     assert_migrated_once(project)
 
 
-def _upgrade_after_barrier(ini: str, barrier: Any, results: Any) -> None:
-    barrier.wait()
-    results.put(alembic_sqlite_lock.upgrade(ini))
-
-
 @pytest.mark.parametrize("workers", [4, 10])
 def test_upgrade_in_processes_released_by_a_barrier(project: Project, workers: int) -> None:
     """The seed's test, made real: N processes call the start-up function at once."""
-    barrier = FORK.Barrier(workers, timeout=60)
-    results = FORK.Queue()
-    procs = [
-        FORK.Process(target=_upgrade_after_barrier, args=(str(project.ini), barrier, results))
-        for _ in range(workers)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        applied = [results.get(timeout=120) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+    exit_codes, applied = upgrade_in_processes(project.ini, workers)
 
-    assert [proc.exitcode for proc in procs] == [0] * workers
+    assert exit_codes == [0] * workers
     assert sorted(rev for revs in applied for rev in revs) == DEMO_REVISIONS
     assert sorted(len(revs) for revs in applied) == [0] * (workers - 1) + [8]
     assert_migrated_once(project)

@@ -8,16 +8,14 @@ the tests skip, except under CI=true, where they fail.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import DEMO_REVISIONS, run_together
+from conftest import DEMO_REVISIONS, run_together, upgrade_in_processes
 from servers import (
     MY_ADMIN,
     ServerProject,
@@ -33,8 +31,6 @@ from servers import (
 import alembic_sqlite_lock
 from alembic_sqlite_lock import LockTimeout, MigrationError
 from alembic_sqlite_lock._mysql import lock_name
-
-FORK = multiprocessing.get_context("fork")
 
 
 @pytest.fixture
@@ -110,27 +106,10 @@ def test_ten_cli_workers_apply_each_migration_once(
     assert lock_is_free(admin, database)
 
 
-def _upgrade_after_barrier(ini: str, barrier: Any, results: Any) -> None:
-    barrier.wait()
-    results.put(alembic_sqlite_lock.upgrade(ini))
-
-
 def test_ten_upgrade_processes_apply_each_migration_once(my_project: ServerProject) -> None:
-    barrier = FORK.Barrier(10, timeout=60)
-    results = FORK.Queue()
-    procs = [FORK.Process(target=_upgrade_after_barrier,
-                          args=(str(my_project.ini), barrier, results)) for _ in range(10)]
-    for proc in procs:
-        proc.start()
-    try:
-        applied = [results.get(timeout=120) for _ in procs]
-    finally:
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+    exit_codes, applied = upgrade_in_processes(my_project.ini, 10)
 
-    assert [proc.exitcode for proc in procs] == [0] * 10
+    assert exit_codes == [0] * 10
     assert sorted(len(revs) for revs in applied) == [0] * 9 + [8]
     assert_migrated_once(my_project)
 

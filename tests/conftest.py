@@ -141,3 +141,15 @@ def upgrade_in_processes(ini: Path, workers: int) -> tuple[list[int | None], lis
             if proc.is_alive():
                 proc.kill()
     return [proc.exitcode for proc in procs], applied
+
+
+@contextmanager
+def write_lock_held(db: Path) -> Iterator[None]:
+    """Another connection holds SQLite's write (RESERVED) lock on ``db``, as a long write
+    transaction would; closing it rolls that transaction back."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        holder.close()

@@ -11,13 +11,11 @@ import re
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import DEMO_REVISIONS, Project, run_together
+from conftest import DEMO_REVISIONS, Project, run_together, write_lock_held
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import ConfigurationError, LockTimeout
@@ -80,16 +78,6 @@ def use_empty_metadata(project: Project) -> None:
     ))
 
 
-@contextmanager
-def write_lock_held(db: Path) -> Iterator[None]:
-    """Hold SQLite's write (RESERVED) lock on ``db``, as a long write transaction would."""
-    holder = sqlite3.connect(db, isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        yield
-        holder.execute("ROLLBACK")
-    finally:
-        holder.close()
 
 
 def output(result: subprocess.CompletedProcess[str]) -> str:

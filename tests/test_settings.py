@@ -8,15 +8,12 @@ run before any database file is created, and says which setting and where it was
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from alembic.config import Config
-from conftest import Project
+from conftest import Project, write_lock_held
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import ConfigurationError, LockTimeout, RetryPolicy
@@ -265,15 +262,6 @@ def test_upgrade_with_a_bad_keyword_raises_before_anything_is_created(project: P
     assert_nothing_created(project)
 
 
-@contextmanager
-def write_lock_held(db: Path) -> Iterator[None]:
-    """Another connection holds SQLite's write lock: every lock attempt fails at once."""
-    holder = sqlite3.connect(db, isolation_level=None)
-    try:
-        holder.execute("BEGIN IMMEDIATE")
-        yield
-    finally:
-        holder.close()
 
 
 # Retry at once, give up at once: the attempt count in LockTimeout shows who won.

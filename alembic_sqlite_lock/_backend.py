@@ -13,7 +13,7 @@ made, how the lock is taken and released, and what a failure leaves behind:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -56,9 +56,18 @@ class Backend(Protocol):
         """The unlocked look hit a lock: the locked pass will wait its turn instead."""
         ...
 
-    def wait_for_running(self, timeout_s: float) -> bool:
+    def wait_for_running(
+        self, timeout_s: float, while_waiting: Callable[[], None] | None = None
+    ) -> bool:
         """If another worker is migrating now, wait (at most ``timeout_s``) until it has
-        finished, without queueing for the lock; True when a run was waited for."""
+        finished, without queueing for the lock; True when a run was waited for.
+        ``while_waiting`` is called once a run is known to be going on, before blocking."""
+        ...
+
+    def read_versions(self, table: str, schema: str | None) -> tuple[str, ...] | None:
+        """The version table's rows by one plain SELECT, never waiting on a lock: the
+        cheap look of a worker that waited for a run. None when it cannot tell (busy,
+        unreadable); the locked run then decides, as it always does."""
         ...
 
     def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
@@ -102,8 +111,13 @@ class ServerBackend:
     def is_busy(self, error: BaseException) -> bool:
         return False  # reading the version table never waits on a migration there
 
-    def wait_for_running(self, timeout_s: float) -> bool:
+    def wait_for_running(
+        self, timeout_s: float, while_waiting: Callable[[], None] | None = None
+    ) -> bool:
         return False  # waiters queue for the server's lock and re-check one at a time
+
+    def read_versions(self, table: str, schema: str | None) -> tuple[str, ...] | None:
+        return None  # never asked: wait_for_running() never waits here
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
@@ -148,6 +150,10 @@ class _OnlineRun:
         )
         self.wait_while_alive = settings.wait_while_holder_alive
         self.command_fn: StepsFn = env.context_opts["fn"]
+        self.looked: MigrationContext | None = None
+        """The first look's context, once it found work to do."""
+        self.work_certain = False
+        """The run this worker waited for will leave work for it (the holder record)."""
         # upgrade, downgrade and stamp name a destination; current, check and
         # autogenerate do not, and get no "nothing to do" line.
         self.migrates = "destination_rev" in env.context_opts
@@ -170,27 +176,28 @@ class _OnlineRun:
             # purge empties the version table before the command looks at it, which is
             # a write: such a run goes straight to the lock.
             purge = bool(self.env.context_opts.get("purge"))
+            if not purge and self._finished_unlocked(source):
+                return
+            # The holder record (who migrates, for waiters and `status`) and the opt-in
+            # backup live beside a database file; server databases have neither.
+            sidecar = Sidecar(self.env.config, source.database_file)
             if not purge:
-                if self._finished_unlocked(source):
-                    return
                 # Work to do. If another worker is migrating, wait for it to finish and
                 # look again: usually it did the same work.
                 waited = source.wait_for_running(
-                    self.policy.busy_timeout_for(self.policy.deadline_s)
+                    self.policy.busy_timeout_for(self.policy.deadline_s),
+                    while_waiting=lambda: self._expect_work_after(sidecar),
                 )
-                if waited and self._finished_unlocked(source, after_wait=True):
+                if waited and not self.work_certain and self._finished_after_wait(source):
                     return
             # SIGTERM (a CLI run stopped by its supervisor) rolls the run back.
             with terminate_as_exit():
-                self._run_locked(source, saw_work=not purge, started=started)
+                self._run_locked(source, sidecar, saw_work=not purge, started=started)
         finally:
             source.close()
 
-    def _finished_unlocked(self, source: Backend, *, after_wait: bool = False) -> bool:
-        """A look without the lock: True when the command has nothing to migrate.
-
-        ``after_wait``: a second look, after waiting for another worker's run.
-        """
+    def _finished_unlocked(self, source: Backend) -> bool:
+        """A look without the lock: True when the command has nothing to migrate."""
         try:
             with source.reading() as connection:
                 self.env.configure(connection=connection, **self.kwargs)
@@ -199,8 +206,7 @@ class _OnlineRun:
                 steps = list(self.command_fn(heads, migration_context))
                 if steps:
                     connection.rollback()
-                    if after_wait:
-                        return False  # the first look already pinned relative targets
+                    self.looked = migration_context
                     self.command_fn = pin_relative_target(
                         self.command_fn,
                         self.env.script,
@@ -215,13 +221,49 @@ class _OnlineRun:
                 return False  # the locked pass waits its turn, with retries
             raise _database_error(source, error) from error
         if self.migrates:
-            if after_wait:
-                logger.info("All migrations already applied by another worker")
-            else:
-                logger.info("Database already at %s, nothing to do", revisions(heads))
+            logger.info("Database already at %s, nothing to do", revisions(heads))
         return True
 
-    def _run_locked(self, source: Backend, *, saw_work: bool, started: float) -> None:
+    def _expect_work_after(self, sidecar: Sidecar) -> None:
+        """While waiting: if the running holder's recorded target leaves work for this
+        worker, it will migrate next, so skip the look after the wait (the locked run
+        reads the version anyway): nothing then stands between the holder's COMMIT and
+        this worker taking the lock."""
+        target = sidecar.running_target()
+        if target is None or self.looked is None:
+            return
+        try:
+            self.work_certain = bool(list(self.command_fn(tuple(target), self.looked)))
+        except Exception as error:  # e.g. a revision this code does not know
+            logger.debug("Cannot tell what %s leaves to do (%s)", target, error)
+
+    def _finished_after_wait(self, source: Backend) -> bool:
+        """The look again, after waiting for another worker's run: True when it did our work.
+
+        Cheap on purpose, as it sits between the holder's COMMIT and the next worker
+        taking the lock: one plain SELECT of the version rows, then the command asked
+        what it would do from there (the revision map is loaded already). No Alembic
+        context, no compiled statement. Any doubt sends the worker to the locked run,
+        which reads the version again under the lock and decides for real.
+        """
+        if self.looked is None:
+            return False
+        heads = source.read_versions(self.options.version_table, self.options.version_table_schema)
+        if heads is None:
+            return False
+        try:
+            steps = list(self.command_fn(heads, self.looked))
+        except Exception as error:  # e.g. a revision this code does not know
+            logger.debug("Looking again after the wait failed (%s); taking the lock", error)
+            return False
+        if steps:
+            return False
+        logger.info("All migrations already applied by another worker")
+        return True
+
+    def _run_locked(
+        self, source: Backend, sidecar: Sidecar, *, saw_work: bool, started: float
+    ) -> None:
         # transaction_per_migration lets Alembic commit after each revision; only a
         # lock that outlives a transaction keeps other workers out between revisions.
         per_migration = bool(self.kwargs.get("transaction_per_migration"))
@@ -233,9 +275,6 @@ class _OnlineRun:
             )
             per_migration = False
         progress = Progress()
-        # The holder record (who migrates, for waiters and `status`) and the opt-in
-        # backup live beside a database file; server databases have neither.
-        sidecar = Sidecar(self.env.config, source.database_file)
         self.env.context_opts["fn"] = logging_steps(
             self.command_fn,
             progress,
@@ -258,7 +297,7 @@ class _OnlineRun:
                 raise _database_error(source, error) from error
             stop_watching = _watch_pragmas(connection, progress)
             try:
-                self._migrate(source, connection)
+                self._migrate(source, connection, before_commit=sidecar.finished)
                 # Logged before the lock is released, so that in a shared log every
                 # "Applied" line comes before the next worker's "already applied".
                 self.state.applied.extend(log_applied(progress))
@@ -274,14 +313,20 @@ class _OnlineRun:
                     ) from error
                 raise
             finally:
-                stop_watching()
-                sidecar.finished()  # the record is true only while the lock is held
+                sidecar.finished()  # if the run failed (the record is true only while held)
                 source.release(connection)  # after COMMIT or ROLLBACK
+                stop_watching()  # after the release: a waiter may be taking the lock
         finally:
             self.env.context_opts["fn"] = self.command_fn
 
-    def _migrate(self, source: Backend, connection: Connection) -> None:
-        """Run the command on a connection that holds the lock, then check and commit."""
+    def _migrate(
+        self, source: Backend, connection: Connection, *, before_commit: Callable[[], None]
+    ) -> None:
+        """Run the command on a connection that holds the lock, then check and commit.
+
+        ``before_commit`` runs last before the COMMIT: work that must happen under the
+        lock but need not keep the next worker waiting after it.
+        """
         self.env.configure(connection=connection, **self.kwargs)
         migration_context = self.env.get_context()
         if connection.in_transaction() and source.run_long_lock:
@@ -292,6 +337,7 @@ class _OnlineRun:
             migration_context._transaction = connection.get_transaction()
         self.env.run_migrations()
         source.before_commit(connection)
+        before_commit()
         if connection.in_transaction():
             connection.commit()
 

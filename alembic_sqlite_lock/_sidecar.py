@@ -1,8 +1,9 @@
 """What the lock holder does beside the database: the holder record and the backup.
 
-The locked run calls three things and nothing else (see ``_env._OnlineRun._run_locked``):
-``holder_suffix()`` for the waiters' retry lines, ``starting()`` once the lock is held and
-the steps are known, ``finished()`` just before the lock is released.
+The locked run calls three things (see ``_env._OnlineRun._run_locked``): ``holder_suffix()``
+for the waiters' retry lines, ``starting()`` once the lock is held and the steps are
+known, ``finished()`` just before the lock is released. A worker waiting for another
+worker's run asks ``running_target()`` where that run is going.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class Sidecar:
             return False
         holder = _holder.read(self.record_path)
         return holder is not None and _holder.provably_alive(holder)
+
+    def running_target(self) -> list[str] | None:
+        """Where the recorded holder's run will leave the version table, if a record of a
+        holder that may be alive says so (None: no record, or it cannot tell)."""
+        if self.record_path is None:
+            return None
+        holder = _holder.read(self.record_path)
+        if holder is None or not holder.to_revisions or _holder.is_stale(holder):
+            return None
+        return holder.to_revisions
 
     def holder_suffix(self) -> str:
         """`` (held by pid 4711 on web-2, a1b2 -> c3d4, for 1.4 s)`` or ""."""

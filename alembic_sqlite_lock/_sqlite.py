@@ -19,7 +19,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import event, exc
@@ -191,6 +191,10 @@ def foreign_connection_guard(connection: Connection) -> Callable[[], None]:
     return restore
 
 
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
 def _dbapi(connection: Connection) -> sqlite3.Connection:
     driver = connection.connection.driver_connection
     assert isinstance(driver, sqlite3.Connection), "a pysqlite connection is required"
@@ -241,7 +245,9 @@ class _Source:
     def run_long_lock(self) -> bool:
         return RunLock(self._lock_path()).usable
 
-    def wait_for_running(self, timeout_s: float) -> bool:
+    def wait_for_running(
+        self, timeout_s: float, while_waiting: Callable[[], None] | None = None
+    ) -> bool:
         """Wait for a running migration with a *shared* run lock: when it ends, every
         waiter wakes at once and looks at the result in parallel, instead of queueing
         for the exclusive lock only to find, one after another, that the work is done."""
@@ -252,10 +258,36 @@ class _Source:
         if run_lock.acquire(0, shared=True):  # nobody is migrating right now
             run_lock.release()
             return False
+        # Open the connection for the next steps now, while waiting costs nothing: then
+        # the look after the wait and the first lock attempt find it ready (no open,
+        # no schema load between the holder's COMMIT and this worker taking over).
+        self._open_spare()
+        if while_waiting is not None:
+            while_waiting()
         if not run_lock.acquire(timeout_s, shared=True):
             return False
         run_lock.release()
         return True
+
+    def _open_spare(self) -> None:
+        """Keep a connection ready for the first lock attempt (none to keep by default)."""
+
+    def read_versions(self, table: str, schema: str | None) -> tuple[str, ...] | None:
+        """One plain SELECT with no busy wait: a holder committing right now (or no table
+        yet) answers None, and the worker goes to the locked run, which waits its turn."""
+        name = _quote(table) if schema is None else f"{_quote(schema)}.{_quote(table)}"
+        try:
+            with self._plain_connection() as connection:
+                dbapi = _dbapi(connection)
+                dbapi.execute("PRAGMA busy_timeout = 0")
+                rows = dbapi.execute(f"SELECT version_num FROM {name}").fetchall()
+        except (sqlite3.Error, exc.DBAPIError) as error:
+            logger.debug("Could not read %s cheaply: %s", name, error)
+            return None
+        return tuple(str(row[0]) for row in rows)
+
+    def _plain_connection(self) -> AbstractContextManager[Connection]:
+        raise NotImplementedError
 
     def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
         """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""
@@ -287,12 +319,26 @@ class _Source:
 
 
 class OwnEngine(_Source):
-    """A NullPool engine made from alembic.ini: a new connection for every attempt."""
+    """A NullPool engine made from alembic.ini: a new connection for every attempt.
+
+    The one exception is the spare: a connection opened while waiting for another
+    worker's run, read from once after the wait (never waiting on a lock: busy timeout
+    0), then used by the first lock attempt. No attempt gets a connection that an
+    earlier attempt waited on.
+    """
 
     def __init__(self, section: Mapping[str, str], policy: RetryPolicy) -> None:
         super().__init__(policy)
         self.url = describe_url(section["sqlalchemy.url"])
         self.engine = create_engine(section)
+        self._spare: Connection | None = None
+
+    def _open_spare(self) -> None:
+        if self._spare is None:
+            try:
+                self._spare = self.engine.connect()
+            except exc.DBAPIError as error:  # the lock attempt will open its own, or fail
+                logger.debug("Could not open a connection ahead of the lock: %s", error)
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -305,13 +351,20 @@ class OwnEngine(_Source):
         with self.engine.connect() as connection:
             return database_path(connection)
 
+    def _plain_connection(self) -> AbstractContextManager[Connection]:
+        if self._spare is not None:
+            return nullcontext(self._spare)
+        return self.engine.connect()
+
     def _begin(self, busy_timeout_s: float, *, begin: bool) -> Connection:
-        try:
-            connection = self.engine.connect()
-        except exc.OperationalError as error:
-            if is_busy(error):
-                raise LockBusy(str(error)) from error
-            raise
+        connection, self._spare = self._spare, None
+        if connection is None:
+            try:
+                connection = self.engine.connect()
+            except exc.OperationalError as error:
+                if is_busy(error):
+                    raise LockBusy(str(error)) from error
+                raise
         try:
             set_busy_timeout(connection, busy_timeout_s)
             if begin:
@@ -322,12 +375,17 @@ class OwnEngine(_Source):
         return connection
 
     def release(self, connection: Connection) -> None:
+        # The run lock first: after COMMIT or ROLLBACK SQLite's lock is free already,
+        # and closing the connection is no reason to keep the next worker waiting.
         try:
-            connection.close()
-        finally:
             self._release_run_lock()
+        finally:
+            connection.close()
 
     def close(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
         self.engine.dispose()
 
 
@@ -366,6 +424,9 @@ class HandedIn(_Source):
 
     def _database_path(self) -> str:
         return database_path(self.connection)
+
+    def _plain_connection(self) -> AbstractContextManager[Connection]:
+        return nullcontext(self.connection)  # its busy_timeout is put back by close()
 
     def _begin(self, busy_timeout_s: float, *, begin: bool) -> Connection:
         set_busy_timeout(self.connection, busy_timeout_s)

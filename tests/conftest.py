@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import multiprocessing
 import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from workers import make_project, run_together  # noqa: E402
 
-__all__ = ["REPO", "Project", "make_project", "run_together"]
+__all__ = ["REPO", "Project", "make_project", "run_together", "traced_connect"]
 
 DEMO_REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
 
@@ -153,3 +154,18 @@ def write_lock_held(db: Path) -> Iterator[None]:
         yield
     finally:
         holder.close()
+
+
+def traced_connect(statements: list[tuple[int, str]]) -> Callable[..., sqlite3.Connection]:
+    """sqlite3.connect that records every statement SQLite runs, per connection
+    (monkeypatch it over ``sqlite3.dbapi2.connect``, which SQLAlchemy calls)."""
+    real_connect = sqlite3.dbapi2.connect
+    numbers = itertools.count(1)  # not id(): a closed connection's id is reused
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = real_connect(*args, **kwargs)
+        key = next(numbers)
+        conn.set_trace_callback(lambda sql: statements.append((key, sql)))
+        return conn
+
+    return connect

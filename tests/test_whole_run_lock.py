@@ -15,28 +15,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEMO_REVISIONS, REPO, Project
+from conftest import DEMO_REVISIONS, REPO, Project, traced_connect
 
 import alembic_sqlite_lock
 
 REAL_CONNECT = sqlite3.dbapi2.connect
-
-
-def traced_connect(statements: list[tuple[int, str]]) -> Callable[..., sqlite3.Connection]:
-    """sqlite3.connect that records every statement SQLite runs, per connection."""
-
-    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = REAL_CONNECT(*args, **kwargs)
-        key = id(conn)
-        conn.set_trace_callback(lambda sql: statements.append((key, sql)))
-        return conn
-
-    return connect
 
 
 def test_one_begin_immediate_and_one_commit_per_run(

@@ -11,7 +11,12 @@ Two latencies are reported, both from the moment the holder's COMMIT returned:
 * ``handoff-lock``: until the waiter holds the lock. For the library that is when its
   ``BEGIN IMMEDIATE`` returned; for ``FileLock`` when ``acquire()`` returned.
 * ``handoff``: until the waiter's next revision (``b``) starts running: the above plus
-  re-reading the version, deciding what to run, and Alembic's per-revision set-up.
+  re-reading the version, deciding what to run, and Alembic's per-run set-up.
+
+And its floor, ``handoff-solo``: one worker alone on a fresh file whose only revision
+is ``b``, from taking the lock to ``b`` running. That is the set-up every worker that
+migrates pays, hand-off or not (in a new process most of it is SQLAlchemy compiling its
+first statement); ``handoff`` minus it is what the hand-off itself costs.
 
 The holder's commit is timed in the holder process by wrapping SQLAlchemy's pysqlite
 ``do_commit`` (and, should the library ever commit with a plain ``COMMIT`` statement,
@@ -77,13 +82,18 @@ def measure(bench: Bench, variants: tuple[Variant, ...] = (FILELOCK, OURS)) -> N
         marks = bench.tmp / f"handoff-{variant.name}-marks"
         marks.mkdir()
         os.environ[projects.HANDOFF_DIR_ENV] = str(marks)
+        solo = bench.project(f"handoff-solo-{variant.name}", projects.handoff_solo_project,
+                             stock=variant.stock_env)
         to_run = bench.results.series("handoff", variant.name, 2)
         to_lock = bench.results.series("handoff-lock", variant.name, 2)
+        alone = bench.results.series("handoff-solo", variant.name, 1)
         for repeat in range(bench.repeats + 1):  # repeat 0 is unmeasured
             latencies = _one(bench, variant, project, marks)
+            setup = _solo(bench, variant, solo, marks)
             if repeat == 0:
                 continue
-            for series, latency in zip((to_lock, to_run), latencies, strict=True):
+            for series, latency in zip((to_lock, to_run, alone), (*latencies, setup),
+                                       strict=True):
                 series.failed.append(0 if latency is not None else 1)
                 if latency is None:
                     series.broken += 1
@@ -115,6 +125,24 @@ def _one(bench: Bench, variant: Variant, project: projects.Project,
     locked = waiter.extra.get("lock_acquired")
     return (None if locked is None else locked - commit,
             float(started_b.read_text()) - commit)
+
+
+def _solo(bench: Bench, variant: Variant, project: projects.Project,
+          marks: Path) -> float | None:
+    """One worker alone: from taking the lock to its first revision running, in seconds."""
+    project.reset()
+    for mark in marks.iterdir():
+        mark.unlink()
+    with Crew([variant.work(project.ini, "b")], log_path=bench.log_path, prepare=_instrument,
+              probe=_probe) as crew:
+        crew.release()
+        (worker,) = crew.collect()
+    locked = worker.extra.get("lock_acquired")
+    started_b = marks / "b_started"
+    if not worker.ok or locked is None or not started_b.exists():
+        bench.say(f"  hand-off {variant.name}: the solo round failed: {worker.error}")
+        return None
+    return float(started_b.read_text()) - locked
 
 
 def _checked_commit(bench: Bench, variant: Variant, holder: Outcome, waiter: Outcome,

@@ -90,13 +90,25 @@ def handoff_project(root: Path, *, stock: bool) -> Project:
         op.create_table("held_by_a", sa.Column("id", sa.Integer, primary_key=True))
         time.sleep({HANDOFF_HOLD_S})
     """)
-    _write_revision(project, "b", "a", f"""
-        import os, time
-        started = time.monotonic()
-        with open(os.path.join(os.environ["{HANDOFF_DIR_ENV}"], "b_started"), "w") as f:
-            f.write(repr(started))
-        op.create_table("run_by_b", sa.Column("id", sa.Integer, primary_key=True))
-    """)
+    _write_revision(project, "b", "a", _B_BODY)
+    return project
+
+
+_B_BODY = f"""
+    import os, time
+    started = time.monotonic()
+    with open(os.path.join(os.environ["{HANDOFF_DIR_ENV}"], "b_started"), "w") as f:
+        f.write(repr(started))
+    op.create_table("run_by_b", sa.Column("id", sa.Integer, primary_key=True))
+"""
+
+
+def handoff_solo_project(root: Path, *, stock: bool) -> Project:
+    """Revision ``b`` of the hand-off chain alone, for one worker on a fresh file: what a
+    worker spends from taking the lock to its first revision running, with no hand-off."""
+    project = demo_project(root, stock=stock)
+    _clear_versions(project)
+    _write_revision(project, "b", None, _B_BODY)
     return project
 
 

@@ -27,6 +27,8 @@ from ._errors import MigrationLockError
 logger = logging.getLogger(__name__)
 
 EXTENSION = ".bak"
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+_REVISIONS = r"[A-Za-z0-9_]+(?:\+[A-Za-z0-9_]+)*"  # what _revisions() writes
 
 
 class BackupFailed(MigrationLockError):
@@ -51,7 +53,7 @@ def backup_directory(setting: str, database_path: str) -> str | None:
 
 def file_name(database_path: str, before: Iterable[str], after: Iterable[str],
               now: float | None = None) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    stamp = time.strftime(STAMP_FORMAT, time.gmtime(time.time() if now is None else now))
     return (f"{os.path.basename(database_path)}.{_revisions(before)}-to-"
             f"{_revisions(after)}.{stamp}{EXTENSION}")
 
@@ -87,14 +89,41 @@ def make(database_path: str, directory: str, before: Iterable[str],
     return target
 
 
+def name_pattern(database_path: str) -> re.Pattern[str]:
+    """The names :func:`make` gives this database's backups, and nothing else.
+
+    The revisions part never holds a dot, so ``app.db.old.0001-to-0002.<time>.bak`` (a
+    backup of ``app.db.old``) does not match for ``app.db``. ``-<n>`` is the suffix of a
+    second backup of the same step within one second.
+    """
+    return re.compile(
+        re.escape(os.path.basename(database_path))
+        + rf"\.{_REVISIONS}-to-{_REVISIONS}\.(?P<stamp>\d{{8}}T\d{{6}}Z)(?:-(?P<n>\d+))?"
+        + re.escape(EXTENSION)
+    )
+
+
 def listing(directory: str | None, database_path: str) -> list[Backup]:
-    """This database's backups in ``directory``, oldest first."""
+    """This database's backups in ``directory``, oldest first (see :func:`name_pattern`).
+
+    Oldest by the UTC time in the name, which survives a copy or a restore from archive
+    that resets modification times; the modification time only orders backups made
+    within the same second (the name has whole seconds), then the ``-<n>`` suffix.
+    """
     if directory is None or not os.path.isdir(directory):
         return []
-    prefix = os.path.basename(database_path) + "."
+    pattern = name_pattern(database_path)
     found = []
     for entry in os.scandir(directory):
-        if entry.is_file() and entry.name.startswith(prefix) and entry.name.endswith(EXTENSION):
-            info = entry.stat()
-            found.append(Backup(entry.path, info.st_size, info.st_mtime))
-    return sorted(found, key=lambda b: (b.created, b.path))
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue  # a folder or a link that looks like a backup is not one of ours
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # deleted while we looked
+        key = (match["stamp"], info.st_mtime_ns, int(match["n"] or 1), entry.name)
+        found.append((key, Backup(entry.path, info.st_size, info.st_mtime)))
+    return [backup for _, backup in sorted(found, key=lambda pair: pair[0])]

@@ -10,6 +10,12 @@ connections of one process, so opening and closing it never drops the lock we ho
 A file is ``<database name>.<from>-to-<to>.<UTC time>.bak`` (``app.db.0007-to-0008.
 20250101T120000Z.bak``): a complete SQLite database; to restore, stop every worker and
 copy it over the database file (see the README).
+
+With ``backup_keep`` > 0 the same worker, still inside the lock, then deletes this
+database's oldest backups so that at most ``backup_keep`` remain. Only names that match
+that pattern exactly for this database's file name count, so another database's backups
+(``app.db.old.0001-to-0002.<time>.bak``) and anything a person put in the folder are
+never touched.
 """
 
 from __future__ import annotations
@@ -127,3 +133,38 @@ def listing(directory: str | None, database_path: str) -> list[Backup]:
         key = (match["stamp"], info.st_mtime_ns, int(match["n"] or 1), entry.name)
         found.append((key, Backup(entry.path, info.st_size, info.st_mtime)))
     return [backup for _, backup in sorted(found, key=lambda pair: pair[0])]
+
+
+def prune(directory: str, database_path: str, keep: int, written: str) -> list[str]:
+    """Delete this database's oldest backups so that at most ``keep`` remain, counting
+    ``written`` (the backup just made), which is never deleted; ``keep`` 0 deletes
+    nothing. Returns the paths deleted.
+
+    Called inside the lock, after a successful backup, so no other worker of this
+    database writes or prunes backups meanwhile. Nothing here fails the migration: the
+    backup it needs is written, and an old backup that cannot be deleted (permissions,
+    a read-only or sticky folder) only costs disk space, so that is a WARNING.
+    """
+    if keep <= 0:
+        return []
+    try:
+        backups = listing(directory, database_path)
+    except OSError as error:
+        logger.warning("Could not list old backups in %s to keep %d: %s",
+                       directory, keep, error)
+        return []
+    just_written = os.path.basename(written)
+    older = [b for b in backups if os.path.basename(b.path) != just_written]
+    deleted = []
+    for backup in older[: max(0, len(older) - (keep - 1))]:
+        try:
+            os.remove(backup.path)
+        except FileNotFoundError:
+            continue  # someone removed it by hand meanwhile: it is gone, as intended
+        except OSError as error:
+            logger.warning("Could not delete old backup %s (backup_keep = %d): %s; "
+                           "the migration goes on", backup.path, keep, error)
+            continue
+        logger.info("Deleted old backup %s (backup_keep = %d)", backup.path, keep)
+        deleted.append(backup.path)
+    return deleted

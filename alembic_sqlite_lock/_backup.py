@@ -10,6 +10,12 @@ connections of one process, so opening and closing it never drops the lock we ho
 A file is ``<database name>.<from>-to-<to>.<UTC time>.bak`` (``app.db.0007-to-0008.
 20250101T120000Z.bak``): a complete SQLite database; to restore, stop every worker and
 copy it over the database file (see the README).
+
+With ``backup_keep`` > 0 the same worker, still inside the lock, then deletes this
+database's oldest backups so that at most ``backup_keep`` remain. Only names that match
+that pattern exactly for this database's file name count, so another database's backups
+(``app.db.old.0001-to-0002.<time>.bak``) and anything a person put in the folder are
+never touched.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from ._errors import MigrationLockError
 logger = logging.getLogger(__name__)
 
 EXTENSION = ".bak"
+STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+_REVISIONS = r"[A-Za-z0-9_]+(?:\+[A-Za-z0-9_]+)*"  # what _revisions() writes
 
 
 class BackupFailed(MigrationLockError):
@@ -51,7 +59,7 @@ def backup_directory(setting: str, database_path: str) -> str | None:
 
 def file_name(database_path: str, before: Iterable[str], after: Iterable[str],
               now: float | None = None) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    stamp = time.strftime(STAMP_FORMAT, time.gmtime(time.time() if now is None else now))
     return (f"{os.path.basename(database_path)}.{_revisions(before)}-to-"
             f"{_revisions(after)}.{stamp}{EXTENSION}")
 
@@ -87,14 +95,76 @@ def make(database_path: str, directory: str, before: Iterable[str],
     return target
 
 
+def name_pattern(database_path: str) -> re.Pattern[str]:
+    """The names :func:`make` gives this database's backups, and nothing else.
+
+    The revisions part never holds a dot, so ``app.db.old.0001-to-0002.<time>.bak`` (a
+    backup of ``app.db.old``) does not match for ``app.db``. ``-<n>`` is the suffix of a
+    second backup of the same step within one second.
+    """
+    return re.compile(
+        re.escape(os.path.basename(database_path))
+        + rf"\.{_REVISIONS}-to-{_REVISIONS}\.(?P<stamp>\d{{8}}T\d{{6}}Z)(?:-(?P<n>\d+))?"
+        + re.escape(EXTENSION)
+    )
+
+
 def listing(directory: str | None, database_path: str) -> list[Backup]:
-    """This database's backups in ``directory``, oldest first."""
+    """This database's backups in ``directory``, oldest first (see :func:`name_pattern`).
+
+    Oldest by the UTC time in the name, which survives a copy or a restore from archive
+    that resets modification times; the modification time only orders backups made
+    within the same second (the name has whole seconds), then the ``-<n>`` suffix.
+    """
     if directory is None or not os.path.isdir(directory):
         return []
-    prefix = os.path.basename(database_path) + "."
+    pattern = name_pattern(database_path)
     found = []
     for entry in os.scandir(directory):
-        if entry.is_file() and entry.name.startswith(prefix) and entry.name.endswith(EXTENSION):
-            info = entry.stat()
-            found.append(Backup(entry.path, info.st_size, info.st_mtime))
-    return sorted(found, key=lambda b: (b.created, b.path))
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue  # a folder or a link that looks like a backup is not one of ours
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # deleted while we looked
+        key = (match["stamp"], info.st_mtime_ns, int(match["n"] or 1), entry.name)
+        found.append((key, Backup(entry.path, info.st_size, info.st_mtime)))
+    return [backup for _, backup in sorted(found, key=lambda pair: pair[0])]
+
+
+def prune(directory: str, database_path: str, keep: int, written: str) -> list[str]:
+    """Delete this database's oldest backups so that at most ``keep`` remain, counting
+    ``written`` (the backup just made), which is never deleted; ``keep`` 0 deletes
+    nothing. Returns the paths deleted.
+
+    Called inside the lock, after a successful backup, so no other worker of this
+    database writes or prunes backups meanwhile. Nothing here fails the migration: the
+    backup it needs is written, and an old backup that cannot be deleted (permissions,
+    a read-only or sticky folder) only costs disk space, so that is a WARNING.
+    """
+    if keep <= 0:
+        return []
+    try:
+        backups = listing(directory, database_path)
+    except OSError as error:
+        logger.warning("Could not list old backups in %s to keep %d: %s",
+                       directory, keep, error)
+        return []
+    just_written = os.path.basename(written)
+    older = [b for b in backups if os.path.basename(b.path) != just_written]
+    deleted = []
+    for backup in older[: max(0, len(older) - (keep - 1))]:
+        try:
+            os.remove(backup.path)
+        except FileNotFoundError:
+            continue  # someone removed it by hand meanwhile: it is gone, as intended
+        except OSError as error:
+            logger.warning("Could not delete old backup %s (backup_keep = %d): %s; "
+                           "the migration goes on", backup.path, keep, error)
+            continue
+        logger.info("Deleted old backup %s (backup_keep = %d)", backup.path, keep)
+        deleted.append(backup.path)
+    return deleted

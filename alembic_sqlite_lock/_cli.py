@@ -196,7 +196,11 @@ def _add_settings(parser: argparse.ArgumentParser, prefix: str) -> None:
     )
     defaults = _scaffold.setting_defaults()
     for name in NAMES:
-        metavar = "N" if name == "max_attempts" else "SECONDS" if name.endswith("_s") else "VALUE"
+        metavar = "VALUE"
+        if name in ("max_attempts", "backup_keep"):
+            metavar = "N"
+        elif name.endswith("_s"):
+            metavar = "SECONDS"
         group.add_argument(
             f"--{name}", dest=f"{prefix}setting_{name}", default=None, metavar=metavar,
             help=f"{_scaffold.SETTING_HELP.get(name, name)} "

@@ -37,6 +37,10 @@ SETTING_HELP = {
         "empty: no backups. A directory (relative to the database's): before migrating, "
         "the worker holding the lock writes a copy there (VACUUM INTO)"
     ),
+    "backup_keep": (
+        "0: keep every backup. N: after each backup, delete this database's oldest "
+        "backups in backup_dir so that at most N remain"
+    ),
 }
 """One line per setting, for the generated alembic.ini and the CLI's --help."""
 

@@ -47,6 +47,9 @@ class Settings:
     backup_dir: str = ""
     """Empty: no backups. A directory (relative to the database's): the worker about to
     migrate copies the database there first (VACUUM INTO)."""
+    backup_keep: int = 0
+    """After a backup, delete this database's oldest backups so that at most this many
+    remain; 0 keeps every backup (deleting is never done unless asked for)."""
 
     def __post_init__(self) -> None:
         key = self.lock_key
@@ -59,6 +62,13 @@ class Settings:
                 f"got {self.lock_scope!r}."
             )
             raise ValueError(msg)
+        keep = self.backup_keep
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 0:
+            msg = (
+                "Setting backup_keep must be a whole number >= 0 (0 keeps every backup), "
+                f"got {keep!r}."
+            )
+            raise ValueError(msg)
 
 
 _POLICY_NAMES = tuple(f.name for f in fields(RetryPolicy))
@@ -69,6 +79,7 @@ _TYPES: dict[str, type] = {
     "allow_unknown_revision": bool,
     "wait_while_holder_alive": bool,
     "backup_dir": str,
+    "backup_keep": int,
 }
 NAMES = tuple(_TYPES)
 """Every setting's name, in the order the docs and the generated alembic.ini list them."""
@@ -141,7 +152,10 @@ def convert(name: str, raw: Any, where: str) -> Any:
             Settings(**{name: value})
         else:
             value = _number(kind, raw)
-            RetryPolicy(**{name: value})
+            if name in _POLICY_NAMES:
+                RetryPolicy(**{name: value})
+            else:
+                Settings(**{name: value})
     except ValueError as exc:
         text = str(exc)
         msg = text.replace(f"Setting {name}", f"Setting {where}") if text.startswith(

@@ -16,7 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import RevisionStep
 
 from . import _backup, _holder
-from ._settings import resolve_setting
+from ._settings import resolve_settings
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +25,9 @@ class Sidecar:
     def __init__(self, config: Config, database_path: str | None) -> None:
         self.database_path = database_path or ""
         self.record_path = _holder.record_path_for(self.database_path)
-        self.backup_dir = _backup.backup_directory(
-            resolve_setting(config, "backup_dir"), self.database_path
-        )
+        settings = resolve_settings(config)
+        self.backup_dir = _backup.backup_directory(settings.backup_dir, self.database_path)
+        self.backup_keep = settings.backup_keep
         self._record: _holder.Holder | None = None
 
     def holder_alive(self) -> bool:
@@ -52,7 +52,8 @@ class Sidecar:
         return _holder.suffix(self.record_path)
 
     def starting(self, heads: Sequence[str], steps: Sequence[Any]) -> None:
-        """Inside the lock, before the first step: record who we are, back up if asked."""
+        """Inside the lock, before the first step: record who we are, back up if asked
+        (and then delete the backups beyond backup_keep)."""
         if not steps:
             return
         before = list(heads)
@@ -62,7 +63,8 @@ class Sidecar:
             if _holder.write(self.record_path, record):
                 self._record = record
         if self.backup_dir is not None and any(isinstance(s, RevisionStep) for s in steps):
-            _backup.make(self.database_path, self.backup_dir, before, after)
+            written = _backup.make(self.database_path, self.backup_dir, before, after)
+            _backup.prune(self.backup_dir, self.database_path, self.backup_keep, written)
 
     def finished(self) -> None:
         """Before the lock is released: the record goes (it was only true while held)."""

@@ -6,9 +6,12 @@ import fcntl
 import itertools
 import multiprocessing
 import os
+import pwd
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,9 +23,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
+from faultkit import ALEMBIC  # noqa: E402
 from workers import make_project, run_together  # noqa: E402
 
-__all__ = ["REPO", "Project", "make_project", "run_together", "traced_connect"]
+__all__ = ["REPO", "Project", "Unprivileged", "make_project", "run_together", "traced_connect"]
 
 DEMO_REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
 
@@ -169,3 +173,78 @@ def traced_connect(statements: list[tuple[int, str]]) -> Callable[..., sqlite3.C
         return conn
 
     return connect
+# Runs as an unprivileged user ------------------------------------------------------
+# Root ignores file modes, so a test about permissions runs the real `alembic` CLI as a
+# system user (setpriv), in a directory outside pytest's 0700 temp root that the user
+# can reach. The virtualenv must be readable by that user.
+
+UNPRIVILEGED_USER = "alsl-test"
+
+
+@dataclass
+class Unprivileged:
+    uid: int
+    gid: int
+    name: str
+    prefix: list[str]
+
+    def alembic(self, ini: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(ini.parent),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        return subprocess.run(
+            [*self.prefix, ALEMBIC, "-c", str(ini), *args],
+            cwd=ini.parent, capture_output=True, text=True, env=env, timeout=120, check=False,
+        )
+
+    def chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            os.chown(path, self.uid, self.gid)
+
+
+def _ensure_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError:
+        pass
+    done = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+         UNPRIVILEGED_USER],
+        capture_output=True, text=True, check=False,
+    )
+    try:  # another xdist worker may have created it at the same moment
+        return pwd.getpwnam(UNPRIVILEGED_USER)
+    except KeyError:
+        pytest.skip(f"cannot create an unprivileged user: {done.stderr.strip()}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def unprivileged() -> Unprivileged:
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid())
+        return Unprivileged(me.pw_uid, me.pw_gid, me.pw_name, [])
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is needed to run as another user")
+    user = _ensure_user()
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+         "--", ALEMBIC, "--version"], capture_output=True, text=True, check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"the virtualenv is not usable by {UNPRIVILEGED_USER}: "
+                    f"{probe.stderr.strip()}")
+    return Unprivileged(
+        user.pw_uid, user.pw_gid, UNPRIVILEGED_USER,
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--"],
+    )
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory any user can traverse (pytest's own temp root is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="alsl-perm-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,93 +1,17 @@
 """Read-only database file and read-only directory, as an unprivileged user.
 
-Root ignores file modes, so when the suite runs as root these tests create a system user
-and run the real `alembic` CLI as that user (setpriv), in a directory outside pytest's
-0700 temp root that the user can reach. The virtualenv must be readable by that user.
+Root ignores file modes, so when the suite runs as root these tests run the real `alembic`
+CLI as a system user (the `unprivileged` fixture in conftest.py, setpriv), in a directory
+outside pytest's 0700 temp root that the user can reach (`shared_dir`).
 """
 
 from __future__ import annotations
 
-import os
-import pwd
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-from conftest import make_project
+from conftest import Unprivileged, make_project
 from faultkit import ALEMBIC, snapshot
-
-USER = "alsl-test"
-
-
-@dataclass
-class Unprivileged:
-    uid: int
-    gid: int
-    name: str
-    prefix: list[str]
-
-    def alembic(self, ini: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(ini.parent),
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        return subprocess.run(
-            [*self.prefix, ALEMBIC, "-c", str(ini), *args],
-            cwd=ini.parent, capture_output=True, text=True, env=env, timeout=120, check=False,
-        )
-
-    def chown(self, path: Path) -> None:
-        if os.geteuid() == 0:
-            os.chown(path, self.uid, self.gid)
-
-
-def _ensure_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        pass
-    done = subprocess.run(
-        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-        capture_output=True, text=True, check=False,
-    )
-    try:  # another xdist worker may have created it at the same moment
-        return pwd.getpwnam(USER)
-    except KeyError:
-        pytest.skip(f"cannot create an unprivileged user: {done.stderr.strip()}")
-        raise
-
-
-@pytest.fixture(scope="session")
-def unprivileged() -> Unprivileged:
-    if os.geteuid() != 0:
-        me = pwd.getpwuid(os.geteuid())
-        return Unprivileged(me.pw_uid, me.pw_gid, me.pw_name, [])
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv is needed to run as another user")
-    user = _ensure_user()
-    probe = subprocess.run(
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
-         "--", ALEMBIC, "--version"], capture_output=True, text=True, check=False,
-    )
-    if probe.returncode != 0:
-        pytest.skip(f"the virtualenv is not usable by {USER}: {probe.stderr.strip()}")
-    return Unprivileged(
-        user.pw_uid, user.pw_gid, USER,
-        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups", "--"],
-    )
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory any user can traverse (pytest's own temp root is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="alsl-perm-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def migrated_db(root: Path, data: Path, user: Unprivileged) -> tuple[Path, Path]:

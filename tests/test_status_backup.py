@@ -14,7 +14,7 @@ import pytest
 from conftest import Project
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock import _cli
+from alembic_sqlite_lock import _backup, _cli
 from alembic_sqlite_lock._runlock import SUFFIX
 from alembic_sqlite_lock._status import run_lock_held
 
@@ -145,3 +145,39 @@ def test_a_failed_backup_stops_the_run_before_any_migration(project: Project) ->
 def test_sql_mode_makes_no_backup(project: Project, revision: str) -> None:
     assert cli(project, "upgrade", revision, "--sql", "--backup_dir", "backups").returncode == 0
     assert backups(project) == []
+
+
+def test_the_listing_holds_only_this_databases_backups_oldest_by_the_time_in_the_name(
+    tmp_path: Path,
+) -> None:
+    """What `status` lists and backup_keep counts: names make() writes for this database
+    only, ordered by the UTC time in the name (modification times may have been reset by
+    a copy), then by modification time within one second, then by the -<n> suffix."""
+    db = str(tmp_path / "app.db")
+    noon = 1_764_072_000.0  # 2025-11-25 12:00:00 UTC
+    ours = [
+        _backup.file_name(db, [], ["0001"], now=noon),
+        _backup.file_name(db, ["0001"], ["0002"], now=noon + 60),
+        _backup.file_name(db, ["0002"], ["0003"], now=noon + 60),  # same second
+        _backup.file_name(db, ["0002"], ["0003"], now=noon + 60)[:-4] + "-2.bak",
+        _backup.file_name(db, ["0003"], ["a_1", "b2"], now=noon + 120),  # two heads
+        _backup.file_name(db, ["a_1", "b2"], ["0004"], now=noon + 180),
+    ]
+    assert ours[4].startswith("app.db.0003-to-a_1+b2.20251125T")
+    strangers = [
+        _backup.file_name(str(tmp_path / "app.db.old"), [], ["0001"], now=noon - 60),
+        _backup.file_name(str(tmp_path / "app2.db"), [], ["0001"], now=noon - 60),
+        "app.db.copy.bak", "app.db.0001-to-0002.bak", ours[0] + ".gz", "app.db",
+    ]
+    for age, name in enumerate(reversed(ours + strangers)):  # the newest name is oldest
+        (tmp_path / name).write_text(name)
+        os.utime(tmp_path / name, (noon + age, noon + age))
+    (tmp_path / _backup.file_name(db, [], ["0000"], now=noon - 60)).mkdir()  # not a file
+    # Within the same second the modification time decides, whatever the name says.
+    os.utime(tmp_path / ours[3], (noon + 100, noon + 100))
+    os.utime(tmp_path / ours[2], (noon + 200, noon + 200))
+
+    listed = [os.path.basename(b.path) for b in _backup.listing(str(tmp_path), db)]
+
+    assert listed == [ours[0], ours[1], ours[3], ours[2], ours[4], ours[5]]
+    assert _backup.listing(str(tmp_path / "missing"), db) == []

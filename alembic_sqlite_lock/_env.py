@@ -28,7 +28,7 @@ from typing import Any
 
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import exc
+from sqlalchemy import Column, MetaData, String, Table, exc, select
 from sqlalchemy.engine import Connection
 
 from . import _diagnose, _sqlite
@@ -186,7 +186,7 @@ class _OnlineRun:
                 # look again: usually it did the same work.
                 waited = source.wait_for_running(
                     self.policy.busy_timeout_for(self.policy.deadline_s),
-                    while_waiting=lambda: self._expect_work_after(sidecar),
+                    while_waiting=lambda: self._expect_work_after(sidecar, source),
                 )
                 if waited and not self.work_certain and self._finished_after_wait(source):
                     return
@@ -224,11 +224,12 @@ class _OnlineRun:
             logger.info("Database already at %s, nothing to do", revisions(heads))
         return True
 
-    def _expect_work_after(self, sidecar: Sidecar) -> None:
+    def _expect_work_after(self, sidecar: Sidecar, source: Backend) -> None:
         """While waiting: if the running holder's recorded target leaves work for this
         worker, it will migrate next, so skip the look after the wait (the locked run
         reads the version anyway): nothing then stands between the holder's COMMIT and
-        this worker taking the lock."""
+        this worker taking the lock. And get ready while idle: the locked run's first
+        statement would otherwise pay SQLAlchemy's first-use costs after the COMMIT."""
         target = sidecar.running_target()
         if target is None or self.looked is None:
             return
@@ -236,6 +237,24 @@ class _OnlineRun:
             self.work_certain = bool(list(self.command_fn(tuple(target), self.looked)))
         except Exception as error:  # e.g. a revision this code does not know
             logger.debug("Cannot tell what %s leaves to do (%s)", target, error)
+        if self.work_certain:
+            self._warm_up(source)
+
+    def _warm_up(self, source: Backend) -> None:
+        """Run the statement Alembic will read the version with, on a connection of its
+        own (it fails harmlessly while the version table does not exist yet)."""
+        version = Table(
+            self.options.version_table,
+            MetaData(),
+            Column("version_num", String(32), nullable=False),
+            schema=self.options.version_table_schema,
+        )
+        try:
+            with source.reading() as connection:
+                connection.execute(select(version.c.version_num)).fetchall()
+                connection.rollback()
+        except exc.DBAPIError as error:
+            logger.debug("Warming up: %s", error)
 
     def _finished_after_wait(self, source: Backend) -> bool:
         """The look again, after waiting for another worker's run: True when it did our work.

@@ -222,8 +222,9 @@ class _Source:
 
     def _note_path(self, connection: Connection) -> None:
         set_busy_timeout(connection, self.policy.busy_timeout_s)
-        self.database_path = database_path(connection)
-        _diagnose.warn_about_setup(self.url, self.database_path)  # :memory:, NFS, FUSE
+        if self.database_path is None:  # once per run: one warning, one mountinfo read
+            self.database_path = database_path(connection)
+            _diagnose.warn_about_setup(self.url, self.database_path)  # :memory:, NFS, FUSE
 
     def _database_path(self) -> str:
         raise NotImplementedError

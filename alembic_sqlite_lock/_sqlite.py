@@ -195,6 +195,23 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
+def select_versions(
+    connection: Connection, table: str, schema: str | None
+) -> tuple[str, ...] | None:
+    """The version table's rows by one SELECT on the driver's connection, under the
+    connection's own busy timeout. It costs a fraction of Alembic's read (a has_table
+    reflection, then a SELECT that SQLAlchemy compiles on first use in a process), which
+    a worker that finds the database at head would pay for nothing. None when the table
+    does not exist (a new database) or cannot be read: the caller then asks Alembic."""
+    name = _quote(table) if schema is None else f"{_quote(schema)}.{_quote(table)}"
+    try:
+        rows = _dbapi(connection).execute(f"SELECT version_num FROM {name}").fetchall()
+    except sqlite3.Error as error:
+        logger.debug("Could not read %s cheaply: %s", name, error)
+        return None
+    return tuple(str(row[0]) for row in rows)
+
+
 def _dbapi(connection: Connection) -> sqlite3.Connection:
     driver = connection.connection.driver_connection
     assert isinstance(driver, sqlite3.Connection), "a pysqlite connection is required"
@@ -276,16 +293,13 @@ class _Source:
     def read_versions(self, table: str, schema: str | None) -> tuple[str, ...] | None:
         """One plain SELECT with no busy wait: a holder committing right now (or no table
         yet) answers None, and the worker goes to the locked run, which waits its turn."""
-        name = _quote(table) if schema is None else f"{_quote(schema)}.{_quote(table)}"
         try:
             with self._plain_connection() as connection:
-                dbapi = _dbapi(connection)
-                dbapi.execute("PRAGMA busy_timeout = 0")
-                rows = dbapi.execute(f"SELECT version_num FROM {name}").fetchall()
+                _dbapi(connection).execute("PRAGMA busy_timeout = 0")
+                return select_versions(connection, table, schema)
         except (sqlite3.Error, exc.DBAPIError) as error:
-            logger.debug("Could not read %s cheaply: %s", name, error)
+            logger.debug("Could not read the version cheaply: %s", error)
             return None
-        return tuple(str(row[0]) for row in rows)
 
     def _plain_connection(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError

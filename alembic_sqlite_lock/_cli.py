@@ -248,7 +248,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
     created = _scaffold.init(args.directory, config, url=args.url)
     for path in created:
         print(f"Created {path}{os.sep if path.is_dir() else ''}")
-    print(f"Next: edit sqlalchemy.url in {config}, write a migration with "
+    # With --url the database is chosen already: no need to send the user to edit it.
+    first = f"edit sqlalchemy.url in {config}, " if args.url == _scaffold.DEFAULT_URL else ""
+    print(f"Next: {first}write a migration with "
           f"`alembic -c {config} revision -m \"...\"`, then run "
           f"`{PROG} -c {config} upgrade`.")
     return EXIT_OK

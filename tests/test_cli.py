@@ -104,6 +104,7 @@ def test_init_writes_an_environment_like_alembic_init(tmp_path: Path) -> None:
         assert f"# {name} =" in section
     assert re.search(r"^\w+ *=", section, re.MULTILINE) is None  # nothing set
     assert "qualname = alembic_sqlite_lock" in ini
+    assert "Next: edit sqlalchemy.url in alembic.ini, write a migration" in result.stdout
 
 
 def test_init_refuses_a_non_empty_directory_and_an_existing_ini(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ transaction makes it an "external" transaction that Alembic leaves alone.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,6 +222,10 @@ class _OnlineRun:
             if source.is_busy(error):
                 return False  # the locked pass waits its turn, with retries
             raise _database_error(source, error) from error
+        except sqlite3.OperationalError as error:  # the cheap read, on the driver itself
+            if source.is_busy(error):
+                return False
+            raise
         if self.migrates:
             logger.info("Database already at %s, nothing to do", revisions(heads))
         return True
@@ -251,8 +256,12 @@ class _OnlineRun:
             self._warm_up(source)
 
     def _warm_up(self, source: Backend) -> None:
-        """Run the statement Alembic will read the version with, on a connection of its
-        own (it fails harmlessly while the version table does not exist yet)."""
+        """Run a statement like the one Alembic will read the version with, on a
+        connection of its own, never waiting on a lock. It is not the same statement
+        object, so nothing compiled is reused: what it pays ahead is the process's
+        first-use costs of executing a SQLAlchemy SELECT (measured: the waiter's first
+        revision then runs 1 to 2 ms sooner after the holder's COMMIT). It fails
+        harmlessly while the version table does not exist yet."""
         version = Table(
             self.options.version_table,
             MetaData(),
@@ -261,8 +270,13 @@ class _OnlineRun:
         )
         try:
             with source.reading() as connection:
-                connection.execute(select(version.c.version_num)).fetchall()
-                connection.rollback()
+                try:
+                    if connection.dialect.name == "sqlite":
+                        _sqlite.set_busy_timeout(connection, 0)
+                    connection.execute(select(version.c.version_num)).fetchall()
+                finally:
+                    # A handed-in connection is the run's own: leave no transaction.
+                    connection.rollback()
         except exc.DBAPIError as error:
             logger.debug("Warming up: %s", error)
 

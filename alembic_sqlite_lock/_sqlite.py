@@ -201,12 +201,19 @@ def select_versions(
     """The version table's rows by one SELECT on the driver's connection, under the
     connection's own busy timeout. It costs a fraction of Alembic's read (a has_table
     reflection, then a SELECT that SQLAlchemy compiles on first use in a process), which
-    a worker that finds the database at head would pay for nothing. None when the table
-    does not exist (a new database) or cannot be read: the caller then asks Alembic."""
-    name = _quote(table) if schema is None else f"{_quote(schema)}.{_quote(table)}"
+    a worker that finds the database at head would pay for nothing.
+
+    ``schema`` None means the main database, as for Alembic's has_table (an unqualified
+    name would also find a table of that name in an attached database). None when the
+    table does not exist (a new database) or cannot be read: the caller then asks
+    Alembic. A busy database raises, so that the caller waits its turn only once.
+    """
+    name = f"{_quote(schema or 'main')}.{_quote(table)}"
     try:
         rows = _dbapi(connection).execute(f"SELECT version_num FROM {name}").fetchall()
     except sqlite3.Error as error:
+        if is_busy(error):
+            raise
         logger.debug("Could not read %s cheaply: %s", name, error)
         return None
     return tuple(str(row[0]) for row in rows)

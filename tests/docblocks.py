@@ -88,7 +88,7 @@ def parse(path: Path) -> tuple[list[Block], bool]:
     blocks: list[Block] = []
     demo = False
     pending = ""  # a directive waiting for its block
-    pending_at = -10
+    pending_at = 0
     index = 0
     while index < len(lines):
         line = lines[index]
@@ -101,8 +101,13 @@ def parse(path: Path) -> tuple[list[Block], bool]:
                 pending, pending_at = body, index
             index += 1
             continue
+        if line.lstrip().startswith("~~~"):
+            raise DocError(f"{path.name}:{index + 1}: use ``` fences (the docs test reads no ~~~)")
         fence = _FENCE.match(line)
         if not fence:
+            if pending and line.strip():
+                raise DocError(f"{path.name}:{pending_at + 1}: <!-- docs: {pending} --> is not "
+                               "followed by a code block")
             index += 1
             continue
         indent, ticks, lang = fence.group("indent", "fence", "lang")
@@ -115,12 +120,13 @@ def parse(path: Path) -> tuple[list[Block], bool]:
         if index >= len(lines):
             raise DocError(f"{path.name}:{opened + 1}: a code block is never closed")
         opening = opened + 1  # 1-based line of the opening fence
-        # The directive belongs to this block if only blank lines stand between them.
-        gap = lines[pending_at + 1 : opening - 1]
-        attached = pending if pending and all(not g.strip() for g in gap) else ""
-        blocks.append(Block(path, opening, lang, "\n".join(body_lines) + "\n", attached))
+        # A directive belongs to the next block; only blank lines may stand between.
+        blocks.append(Block(path, opening, lang, "\n".join(body_lines) + "\n", pending))
         pending = ""
         index += 1
+    if pending:
+        raise DocError(f"{path.name}:{pending_at + 1}: <!-- docs: {pending} --> is not "
+                       "followed by a code block")
     for block in blocks:
         _check_classified(block)
     return blocks, demo
@@ -130,7 +136,7 @@ def _check_classified(block: Block) -> None:
     kind = block.kind
     if kind in ("file", "excerpt") and block.argument:
         return
-    if kind == "not" and block.argument:
+    if block.directive.startswith("not run:") and block.argument:
         return
     if not block.directive and kind in (*RUNNABLE, *SHOWN):
         return
@@ -184,14 +190,20 @@ def output_matches(expected: list[str], actual: list[str]) -> bool:
 
 
 def _match(patterns: list[str], lines: list[str]) -> bool:
-    if not patterns:
-        return not lines
-    head, rest = patterns[0], patterns[1:]
-    if head.strip() == "...":
-        return any(_match(rest, lines[skip:]) for skip in range(len(lines) + 1))
-    if not lines or not _line_matches(head, lines[0]):
-        return False
-    return _match(rest, lines[1:])
+    """Dynamic programming over (pattern, line) positions: linear in each, so a long
+    output cannot make the check slow, however many ``...`` lines the pattern has."""
+    # matches[j]: patterns[i:] match lines[j:], for the current i (filled from the end)
+    matches = [False] * len(lines) + [True]
+    for pattern in reversed(patterns):
+        following = matches
+        matches = [False] * (len(lines) + 1)
+        for j in range(len(lines), -1, -1):
+            if pattern.strip() == "...":  # skip no line here, or one more
+                matches[j] = following[j] or (j < len(lines) and matches[j + 1])
+            else:
+                here = j < len(lines) and _line_matches(pattern, lines[j])
+                matches[j] = here and following[j + 1]
+    return matches[0]
 
 
 def _line_matches(pattern: str, line: str) -> bool:

@@ -302,7 +302,7 @@ class _Source:
         yet) answers None, and the worker goes to the locked run, which waits its turn."""
         try:
             with self._plain_connection() as connection:
-                _dbapi(connection).execute("PRAGMA busy_timeout = 0")
+                set_busy_timeout(connection, 0)
                 return select_versions(connection, table, schema)
         except (sqlite3.Error, exc.DBAPIError) as error:
             logger.debug("Could not read the version cheaply: %s", error)

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -78,16 +79,21 @@ class Reader:
 
     def _console(self, block: Block, line: int, command: str, expected: list[str],
                  exit_code: int) -> None:
-        cwd_file = self.sandbox.parent / "cwd-after-command"
+        # Where the command leaves its shell: a file outside the reader's folders.
+        handle, cwd_file = tempfile.mkstemp(prefix="docs-cwd-")
+        os.close(handle)
         wrapped = f'set -o pipefail\n{command}\nstatus=$?\npwd > "{cwd_file}"\nexit $status'
-        result = subprocess.run(  # one stream, in the order a terminal would show it
-            ["bash", "-c", wrapped], cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            timeout=COMMAND_TIMEOUT_S, check=False,
-        )
-        if cwd_file.exists():  # `cd` carries over, as in the reader's shell
-            self.cwd = Path(cwd_file.read_text().strip())
-            cwd_file.unlink()
+        try:
+            result = subprocess.run(  # one stream, in the order a terminal would show it
+                ["bash", "-c", wrapped], cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                timeout=COMMAND_TIMEOUT_S, check=False,
+            )
+            left_in = Path(cwd_file).read_text().strip()
+        finally:
+            os.unlink(cwd_file)
+        if left_in:  # `cd` carries over, as in the reader's shell
+            self.cwd = Path(left_in)
         printed = result.stdout.splitlines()
         shown = "\n".join(printed)
         where = f"{block.path.name}:{line}: $ {command}"

@@ -99,3 +99,12 @@ def test_the_package_logger_has_only_a_null_handler() -> None:
     assert propagate == "True"  # the app's handlers on the root logger see our lines
     assert level == "0"  # NOTSET: the app decides what is shown
     assert root_handlers == "[]"  # importing the library configured no logging
+
+
+def test_the_demo_ini_lists_every_setting() -> None:
+    """Its [alembic_sqlite_lock] section says it has every setting, commented out."""
+    from alembic_sqlite_lock._settings import NAMES
+
+    ini = (REPO / "alembic.ini").read_text()
+    section = ini.split("[alembic_sqlite_lock]", 1)[1].split("\n[", 1)[0]
+    assert [name for name in NAMES if f"# {name} =" not in section] == []

@@ -70,6 +70,14 @@ class Backend(Protocol):
         unreadable); the locked run then decides, as it always does."""
         ...
 
+    def look_versions(
+        self, connection: Connection, table: str, schema: str | None
+    ) -> tuple[str, ...] | None:
+        """The version table's rows for the look before the lock, on its reading
+        connection, where the backend has a cheaper way than Alembic's read; None: let
+        Alembic read them. A busy database raises a DBAPIError, as Alembic's read would."""
+        ...
+
     def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
         """One attempt: return the migration connection with the lock held, waiting at
         most ``timeout_s``; raise ``LockBusy`` when another worker kept the lock.
@@ -118,6 +126,11 @@ class ServerBackend:
 
     def read_versions(self, table: str, schema: str | None) -> tuple[str, ...] | None:
         return None  # never asked: wait_for_running() never waits here
+
+    def look_versions(
+        self, connection: Connection, table: str, schema: str | None
+    ) -> tuple[str, ...] | None:
+        return None  # Alembic's read is one query there
 
 
 @dataclass(frozen=True)

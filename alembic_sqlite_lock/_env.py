@@ -21,7 +21,6 @@ transaction makes it an "external" transaction that Alembic leaves alone.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,7 +201,9 @@ class _OnlineRun:
             with source.reading() as connection:
                 self.env.configure(connection=connection, **self.kwargs)
                 migration_context = self.env.get_context()
-                heads = self._cheap_heads(connection)
+                heads = source.look_versions(
+                    connection, self.options.version_table, self.options.version_table_schema
+                )
                 if heads is None:
                     heads = migration_context.get_current_heads()
                 steps = list(self.command_fn(heads, migration_context))
@@ -222,22 +223,9 @@ class _OnlineRun:
             if source.is_busy(error):
                 return False  # the locked pass waits its turn, with retries
             raise _database_error(source, error) from error
-        except sqlite3.OperationalError as error:  # the cheap read, on the driver itself
-            if source.is_busy(error):
-                return False
-            raise
         if self.migrates:
             logger.info("Database already at %s, nothing to do", revisions(heads))
         return True
-
-    def _cheap_heads(self, connection: Connection) -> tuple[str, ...] | None:
-        """The look's version read without Alembic's, where that is cheaper (SQLite):
-        the same rows of the same table, so a pending migration is never missed."""
-        if connection.dialect.name != "sqlite":
-            return None
-        return _sqlite.select_versions(
-            connection, self.options.version_table, self.options.version_table_schema
-        )
 
     def _expect_work_after(self, sidecar: Sidecar, source: Backend) -> None:
         """While waiting: if the running holder's recorded target leaves work for this

@@ -206,14 +206,16 @@ def select_versions(
     ``schema`` None means the main database, as for Alembic's has_table (an unqualified
     name would also find a table of that name in an attached database). None when the
     table does not exist (a new database) or cannot be read: the caller then asks
-    Alembic. A busy database raises, so that the caller waits its turn only once.
+    Alembic. A busy database raises SQLAlchemy's OperationalError, as Alembic's read
+    would, so that the caller waits its turn only once.
     """
     name = f"{_quote(schema or 'main')}.{_quote(table)}"
+    sql = f"SELECT version_num FROM {name}"
     try:
-        rows = _dbapi(connection).execute(f"SELECT version_num FROM {name}").fetchall()
+        rows = _dbapi(connection).execute(sql).fetchall()
     except sqlite3.Error as error:
         if is_busy(error):
-            raise
+            raise exc.OperationalError(sql, None, error) from error
         logger.debug("Could not read %s cheaply: %s", name, error)
         return None
     return tuple(str(row[0]) for row in rows)
@@ -307,6 +309,11 @@ class _Source:
         except (sqlite3.Error, exc.DBAPIError) as error:
             logger.debug("Could not read the version cheaply: %s", error)
             return None
+
+    def look_versions(
+        self, connection: Connection, table: str, schema: str | None
+    ) -> tuple[str, ...] | None:
+        return select_versions(connection, table, schema)
 
     def _plain_connection(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError

@@ -62,14 +62,16 @@ class Block:
 
     @property
     def kind(self) -> str:
-        """What the test does with it: file, excerpt, not-run, shown or the language."""
-        word = self.directive.split(":")[0].split(" ")[0]
+        """What the test does with it: file, excerpt, not run, or the language."""
+        if self.directive.startswith("not run:"):
+            return "not run"
+        word = self.directive.partition(" ")[0]
         return word or (self.lang if self.lang in RUNNABLE or self.lang in SHOWN else "")
 
     @property
     def argument(self) -> str:
         """The PATH of ``file``/``excerpt``, the reason of ``not run``."""
-        if self.directive.startswith("not run:"):
+        if self.kind == "not run":
             return self.directive.removeprefix("not run:").strip()
         return self.directive.partition(" ")[2].strip()
 
@@ -90,6 +92,11 @@ def parse(path: Path) -> tuple[list[Block], bool]:
     pending = ""  # a directive waiting for its block
     pending_at = 0
     index = 0
+
+    def unattached() -> DocError:
+        return DocError(f"{path.name}:{pending_at + 1}: <!-- docs: {pending} --> is not "
+                        "followed by a code block")
+
     while index < len(lines):
         line = lines[index]
         directive = _DIRECTIVE.match(line)
@@ -106,8 +113,7 @@ def parse(path: Path) -> tuple[list[Block], bool]:
         fence = _FENCE.match(line)
         if not fence:
             if pending and line.strip():
-                raise DocError(f"{path.name}:{pending_at + 1}: <!-- docs: {pending} --> is not "
-                               "followed by a code block")
+                raise unattached()
             index += 1
             continue
         indent, ticks, lang = fence.group("indent", "fence", "lang")
@@ -125,20 +131,17 @@ def parse(path: Path) -> tuple[list[Block], bool]:
         pending = ""
         index += 1
     if pending:
-        raise DocError(f"{path.name}:{pending_at + 1}: <!-- docs: {pending} --> is not "
-                       "followed by a code block")
+        raise unattached()
     for block in blocks:
         _check_classified(block)
     return blocks, demo
 
 
 def _check_classified(block: Block) -> None:
-    kind = block.kind
-    if kind in ("file", "excerpt") and block.argument:
-        return
-    if block.directive.startswith("not run:") and block.argument:
-        return
-    if not block.directive and kind in (*RUNNABLE, *SHOWN):
+    if block.directive:
+        if block.kind in ("file", "excerpt", "not run") and block.argument:
+            return
+    elif block.kind:
         return
     if block.directive:
         msg = f"{block.where}: unknown or incomplete directive <!-- docs: {block.directive} -->"

@@ -197,7 +197,7 @@ def test_not_run_needs_a_reason_and_attaches_across_one_blank_line(tmp_path: Pat
         ```
     """)
     (block,), demo = parse(doc)
-    assert (block.kind, block.argument, demo) == ("not", "needs a cluster", False)
+    assert (block.kind, block.argument, demo) == ("not run", "needs a cluster", False)
     with pytest.raises(DocError, match="incomplete directive"):
         parse(_write(tmp_path, "<!-- docs: not run: -->\n```yaml\nx: 1\n```\n"))
     with pytest.raises(DocError, match="unknown or incomplete directive"):

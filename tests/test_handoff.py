@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_REVISIONS, Project, traced_connect
+from conftest import CHEAP_LOOK, DEMO_REVISIONS, Project, traced_connect
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock._retry import RetryPolicy
@@ -100,9 +100,6 @@ def upgrade_while_holder_runs(
         waiter.join(timeout=60)
     assert not waiter.is_alive()
     return applied, statements
-
-
-CHEAP_LOOK = 'SELECT version_num FROM "main"."alembic_version"'
 
 
 def after_the_wait(statements: list[tuple[int, str]]) -> list[tuple[int, str]]:

@@ -18,15 +18,13 @@ import pytest
 import sqlalchemy as sa
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from conftest import DEMO_REVISIONS, Project, traced_connect
+from conftest import CHEAP_LOOK, DEMO_REVISIONS, Project, traced_connect
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock._backend import RunOptions
 from alembic_sqlite_lock._env import _OnlineRun
 from alembic_sqlite_lock._retry import RetryPolicy
 from alembic_sqlite_lock._sqlite import HandedIn
-
-CHEAP_LOOK = 'SELECT version_num FROM "main"."alembic_version"'
 
 
 def traced_upgrade(

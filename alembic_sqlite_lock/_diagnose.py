@@ -299,9 +299,12 @@ def revision_guard(fn: Any, script: ScriptDirectory, *, allow_unknown: bool) -> 
 
 def _shown_url(context: Any) -> str:
     connection = getattr(context, "connection", None)
-    if connection is None:
-        return "the database"
-    return connection.engine.url.render_as_string(hide_password=True)  # type: ignore[no-any-return]
+    if connection is not None:
+        return connection.engine.url.render_as_string(hide_password=True)  # type: ignore[no-any-return]
+    # No connection yet: a target resolved before a new database file is created.
+    env = getattr(context, "environment_context", None)
+    url = env.config.get_main_option("sqlalchemy.url") if env is not None else None
+    return make_url(url).render_as_string(hide_password=True) if url else "the database"
 
 
 def _unknown_revisions(script: ScriptDirectory, heads: Iterable[str]) -> list[str]:

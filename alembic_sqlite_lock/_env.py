@@ -172,6 +172,8 @@ class _OnlineRun:
             raise _diagnose.bad_url(shown, error, config.config_file_name) from error
         try:
             started = time.monotonic()
+            if self.migrates and config.attributes.get("connection") is None:
+                self._resolve_target_before_creating(section.get("sqlalchemy.url", ""))
             # purge empties the version table before the command looks at it, which is
             # a write: such a run goes straight to the lock.
             purge = bool(self.env.context_opts.get("purge"))
@@ -194,6 +196,15 @@ class _OnlineRun:
                 self._run_locked(source, sidecar, saw_work=not purge, started=started)
         finally:
             source.close()
+
+    def _resolve_target_before_creating(self, url: str) -> None:
+        """A database file that does not exist yet is at no revision: resolve the
+        command's target from there before the first connection creates the file, so a
+        mistyped revision fails with nothing left on disk."""
+        if _sqlite.missing_database_file(url) is None:
+            return
+        self.env.configure(url=url, **self.kwargs)
+        list(self.command_fn((), self.env.get_context()))
 
     def _finished_unlocked(self, source: Backend) -> bool:
         """A look without the lock: True when the command has nothing to migrate."""

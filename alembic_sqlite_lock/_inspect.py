@@ -7,7 +7,6 @@ URL set in env.py are honoured) with a command that asks for no migration steps:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import make_url
 
 from . import _sqlite
 from ._commands import ConfigLike, _as_config, _run
@@ -39,7 +37,7 @@ def read_state(config: ConfigLike, **settings: Any) -> DatabaseState:
     cfg = _as_config(config)
     script = ScriptDirectory.from_config(cfg)
     url = cfg.get_main_option("sqlalchemy.url") or ""
-    missing = _missing_file(url)
+    missing = _sqlite.missing_database_file(url)
     if missing is not None:
         return DatabaseState(describe_url(url), missing, False, ())
     seen: dict[str, Any] = {}
@@ -53,24 +51,6 @@ def read_state(config: ConfigLike, **settings: Any) -> DatabaseState:
     _run(cfg, script, look, dict(settings), dont_mutate=True)
     return DatabaseState(seen.get("url", describe_url(url)), seen.get("path", ""), True,
                          seen.get("heads", ()))
-
-
-def _missing_file(url: str) -> str | None:
-    """The path of a plain sqlite file URL whose file does not exist, else None.
-
-    Opening it through SQLite would create an empty file: a look must not do that.
-    """
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return None
-    database = parsed.database or ""
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
-        return None
-    if database.startswith("file:") or parsed.query.get("uri"):
-        return None  # URI filenames: let SQLite interpret them
-    path = os.path.abspath(database)
-    return None if os.path.exists(path) else path
 
 
 def script_heads(config: Config) -> tuple[str, ...]:

@@ -227,6 +227,25 @@ def _dbapi(connection: Connection) -> sqlite3.Connection:
     return driver
 
 
+def missing_database_file(url: str) -> str | None:
+    """The path of a plain sqlite file URL whose file does not exist, else None.
+
+    Opening it through SQLite would create an empty file: a look must not do that, and
+    neither may a run whose target turns out not to exist.
+    """
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or parsed.query.get("uri"):
+        return None  # URI filenames: let SQLite interpret them
+    path = os.path.abspath(database)
+    return None if os.path.exists(path) else path
+
+
 class _Source:
     """The SQLite backend: SQLite's write lock, behind the run lock on its file."""
 

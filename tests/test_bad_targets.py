@@ -99,6 +99,24 @@ def test_unknown_revision(project: Project) -> None:
     assert project.version() == ["0004"]
 
 
+@pytest.mark.parametrize("command", ["upgrade", "stamp"])
+def test_unknown_revision_creates_no_database(project: Project, command: str) -> None:
+    """A database file that does not exist yet is at no revision: the target is checked
+    against that before the first connection would create an empty file."""
+    assert not project.db.exists()
+    before = snapshot(project.root)
+
+    assert_failed_cleanly(
+        project.alembic(command, "9999"),
+        "Revision '9999' does not exist", str(project.versions), str(project.db),
+    )
+    assert not project.db.exists()
+    assert snapshot(project.root) == before  # no database, lock or holder file either
+    # The same project still migrates once the revision is right.
+    assert project.alembic("upgrade", "head").returncode == 0
+    assert project.version() == ["0008"]
+
+
 def add_two_heads(project: Project) -> None:
     project.add_revision("0009a", "0008", "op.create_table('a', sa.Column('id', sa.Integer))")
     project.add_revision("0009b", "0008", "op.create_table('b', sa.Column('id', sa.Integer))")

@@ -7,6 +7,7 @@ import itertools
 import multiprocessing
 import os
 import pwd
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -32,6 +33,16 @@ DEMO_REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"
 
 CHEAP_LOOK = 'SELECT version_num FROM "main"."alembic_version"'
 """The library's own read of the version, in a statement trace (traced_connect)."""
+
+STOCK_RACE_SYMPTOM = re.compile(
+    r"expected to match one row when updating|already exists|database is locked"
+    r"|duplicate column name|error in view post_summaries: no such table: main\.posts"
+)
+"""What a worker that runs the demo chain without a whole-run lock dies of when another
+worker is mid-chain: a table, index or view the other made; a version row that moved
+under it; a lock it could not get; a column 0008 already added; or, having read a version
+older than 0006 while the other was past 0007, 0006's rebuild of posts failing on 0007's
+view (SQLite checks views when the rebuilt table is renamed)."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_REVISIONS, REPO, Project, make_project
+from conftest import DEMO_REVISIONS, REPO, STOCK_RACE_SYMPTOM, Project, make_project
 
 import alembic
 
@@ -365,15 +365,6 @@ def test_gunicorn_workers_wait_for_a_slow_migration(
     assert_migrated_once(db, {"0005": 1, "0009": 1})
 
 
-# What a worker that lost the race without a lock dies of: a table or view another worker
-# made, a version row that moved under it, a lock it could not get, or (a worker that read
-# a version older than 0006 while another was past 0007) 0006's rebuild of posts failing on
-# the view 0007 created, which SQLite checks when the rebuilt table is renamed.
-RACE_SYMPTOM = re.compile(
-    r"expected to match one row when updating|already exists|database is locked"
-    r"|error in view post_summaries: no such table: main\.posts"
-)
-
 CONTROL_APP = '''\
 """The Flask example with Alembic's own command.upgrade in place of the library's."""
 from alembic import command
@@ -400,7 +391,7 @@ def test_control_plain_alembic_upgrade_races_every_time(
     Deterministic, not lucky: gunicorn forks its workers together and each runs the app
     factory at once; the first to reach 0009 sleeps in it for SLOW_SECONDS with nothing
     locked, so every worker that boots meanwhile reads a version older than 0009 and
-    runs migrations again. Each such run must fail (RACE_SYMPTOM lists how), so a worker
+    runs migrations again. Each such run must fail (STOCK_RACE_SYMPTOM lists how), so a worker
     fails to boot and gunicorn's master shuts down.
     """
     project = slow_project(tmp_path / "proj")
@@ -419,7 +410,7 @@ def test_control_plain_alembic_upgrade_races_every_time(
     log = server.log()
     assert returncode != 0, log
     assert "Worker failed to boot" in log, log
-    assert RACE_SYMPTOM.search(log), log
+    assert STOCK_RACE_SYMPTOM.search(log), log
 
 
 # Logging inside the app -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEMO_REVISIONS, REPO, Project, traced_connect
+from conftest import DEMO_REVISIONS, REPO, STOCK_RACE_SYMPTOM, Project, traced_connect
 
 import alembic_sqlite_lock
 
@@ -56,12 +56,31 @@ import os, time
 from pathlib import Path
 from alembic.runtime.migration import MigrationContext
 
-# Test hook: sleep before each revision's transaction would begin, i.e. *between*
-# revisions. A design that commits per revision releases the lock right here.
+# Test hook: pause before each revision's transaction would begin, i.e. *between*
+# revisions. A design that commits per revision releases the lock right here. Worker A
+# (PEER_PID set) holds its first pause until worker B is provably in the race: B waits
+# for the run lock (it has the lock file open), B began a revision of its own (its
+# marker), or B exited.
+def _peer_is_in() -> bool:
+    peer = os.environ["PEER_PID"]
+    if Path(os.environ["PEER_MARKER"]).exists() or not Path(f"/proc/{peer}").exists():
+        return True
+    try:
+        fds = os.listdir(f"/proc/{peer}/fd")
+        return any(os.readlink(f"/proc/{peer}/fd/{fd}") == os.environ["PEER_LOCK"] for fd in fds)
+    except OSError:
+        return False
+
 _begin = MigrationContext.begin_transaction
+_pauses = []
 def _slow_begin(self, _per_migration=False):
     if _per_migration:
         Path(os.environ["MARKER"]).touch()
+        if os.environ.get("PEER_PID") and len(_pauses) == 1:
+            deadline = time.monotonic() + 60
+            while not _peer_is_in() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        _pauses.append(1)
         time.sleep(float(os.environ.get("PAUSE_S", "0")))
     return _begin(self, _per_migration)
 MigrationContext.begin_transaction = _slow_begin
@@ -112,7 +131,9 @@ def race_with_a_pause_between_revisions(project: Project, env_py: str) -> tuple[
         time.sleep(0.01)
     a = subprocess.Popen(
         [alembic, "-c", str(project.ini), "upgrade", "head"],
-        env={**base_env, "MARKER": str(gate / "a.marker"), "PAUSE_S": "0.3"},
+        env={**base_env, "MARKER": str(gate / "a.marker"), "PAUSE_S": "0.3",
+             "PEER_PID": str(b.pid), "PEER_MARKER": str(gate / "b.marker"),
+             "PEER_LOCK": f"{project.db}.migration-lock"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=project.root,
     )
     try:
@@ -120,7 +141,7 @@ def race_with_a_pause_between_revisions(project: Project, env_py: str) -> tuple[
             assert time.monotonic() < deadline, "worker A never reached a revision"
             assert a.poll() is None, a.stderr and a.stderr.read()
             time.sleep(0.005)
-        time.sleep(0.35)  # A is now past its first revision, pausing before the next one
+        # A has begun its first revision; its next pause lasts until B is in the race.
         (gate / "start").touch()
         a_out = a.communicate(timeout=60)
         b_out = b.communicate(timeout=60)
@@ -154,7 +175,7 @@ def test_control_the_same_race_breaks_a_per_revision_lock(project: Project) -> N
     if not broken:
         broken = project.count("data_migrations") != 1
     assert broken, "the naive env.py survived the race; the race is not deterministic"
-    assert "already exists" in a_err + b_err or project.count("data_migrations") != 1
+    assert STOCK_RACE_SYMPTOM.search(a_err + b_err) or project.count("data_migrations") != 1
 
 
 def test_database_locked_twice_at_lock_acquisition_then_success(

@@ -185,8 +185,10 @@ class _OnlineRun:
             if not purge:
                 # Work to do. If another worker is migrating, wait for it to finish and
                 # look again: usually it did the same work.
+                # The deadline counts from the start of the run, look included.
+                remaining_s = self.policy.deadline_s - (time.monotonic() - started)
                 waited = source.wait_for_running(
-                    self.policy.busy_timeout_for(self.policy.deadline_s),
+                    self.policy.busy_timeout_for(remaining_s),
                     while_waiting=lambda: self._expect_work_after(sidecar, source),
                 )
                 if waited and not self.work_certain and self._finished_after_wait(source):

@@ -297,6 +297,7 @@ class _Source:
         """Wait for a running migration with a *shared* run lock: when it ends, every
         waiter wakes at once and looks at the result in parallel, instead of queueing
         for the exclusive lock only to find, one after another, that the work is done."""
+        give_up_at = time.monotonic() + timeout_s
         path = self._lock_path()
         if path is None or not os.path.exists(path):
             return False  # no run ever started here (and a look creates nothing on disk)
@@ -310,7 +311,7 @@ class _Source:
         self._open_spare()
         if while_waiting is not None:
             while_waiting()
-        if not run_lock.acquire(timeout_s, shared=True):
+        if not run_lock.acquire(max(0.0, give_up_at - time.monotonic()), shared=True):
             return False
         run_lock.release()
         return True

@@ -144,11 +144,9 @@ def test_waiters_give_up_at_the_deadline_when_the_holder_hangs(
     waiters: list[subprocess.Popen[str]] = []
     try:
         wait_for(lambda: markers_of(hanging, "0009"), "the holder to run DDL of 0009")
-        started = time.monotonic()
         waiters = [start_cli(project.ini, "-x", "lock_deadline_s=3", "upgrade", "head")
                    for _ in range(3)]
-        results = [w.communicate(timeout=60) for w in waiters]
-        elapsed = time.monotonic() - started
+        results = [w.communicate(timeout=60) for w in waiters]  # none hangs
     finally:
         for proc in [holder, *waiters]:
             kill(proc)
@@ -163,8 +161,8 @@ def test_waiters_give_up_at_the_deadline_when_the_holder_hangs(
         assert match, out
         assert match.group(1) == str(project.db)
         assert int(match.group(2)) >= 1
-        assert 2.9 <= float(match.group(3)) <= 4.0  # the deadline, not much later
-    assert elapsed < 20  # three processes started and gave up, in parallel
+        # The deadline, counted from the start of the run (its look included).
+        assert 2.9 <= float(match.group(3)) <= 4.0
     assert project.version() == ["0008"]
 
 

@@ -110,20 +110,41 @@ def test_transaction_per_migration_keeps_the_revisions_before_a_failure(
 # Relative targets, branches, merges --------------------------------------------------
 
 
-def slow_down(project: Project, revision_file: str, function: str) -> None:
-    """Make a revision take a second, so that every worker looks before anyone commits."""
+WAIT_FOR_THE_OTHERS = """\
+    import os, time
+    def _waiting() -> int:
+        count = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            if int(pid) == os.getpid():
+                continue
+            try:
+                fds = os.listdir(f"/proc/{{pid}}/fd")
+                count += any(os.readlink(f"/proc/{{pid}}/fd/{{fd}}") == {lock!r} for fd in fds)
+            except OSError:
+                pass
+        return count
+    give_up_at = time.monotonic() + 60
+    while _waiting() < {others} and time.monotonic() < give_up_at:
+        time.sleep(0.01)
+"""
+
+
+def hold_until_the_others_wait(
+    project: Project, revision_file: str, function: str, others: int
+) -> None:
+    """Make a revision wait until ``others`` other processes have the run lock file open:
+    each of them has looked at the version before this run commits, and waits for it."""
     path = project.versions / revision_file
     signature = f"def {function}() -> None:\n"
-    path.write_text(
-        path.read_text().replace(signature, signature + "    __import__('time').sleep(1)\n")
-    )
+    code = WAIT_FOR_THE_OTHERS.format(lock=f"{project.db}.migration-lock", others=others)
+    path.write_text(path.read_text().replace(signature, signature + code))
 
 
 def test_relative_targets_are_resolved_from_what_each_worker_first_saw(
     project: Project,
 ) -> None:
-    slow_down(project, "0002_create_posts.py", "upgrade")
-    slow_down(project, "0008_users_display_name.py", "downgrade")
+    hold_until_the_others_wait(project, "0002_create_posts.py", "upgrade", others=3)
+    hold_until_the_others_wait(project, "0008_users_display_name.py", "downgrade", others=3)
     applied = upgrade_together(project, "upgrade", "+2", workers=4)
     assert project.version() == ["0002"]
     assert Counter(applied) == Counter(["0001", "0002"])

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,31 @@ DEMO_REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"
 
 CHEAP_LOOK = 'SELECT version_num FROM "main"."alembic_version"'
 """The library's own read of the version, in a statement trace (traced_connect)."""
+
+def waiting_for_lock_waiters(lock_file: Path | str, others: int, at_most_s: float) -> str:
+    """Revision code that holds the revision until ``others`` other processes have
+    ``lock_file`` (the run lock beside the database) open, at most ``at_most_s``: each of
+    them has looked at the version before this run commits, and waits for it. Proof by
+    /proc instead of a sleep that a loaded machine can outlast."""
+    return textwrap.dedent(f"""\
+        import os, time
+        def _waiting() -> int:
+            count = 0
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                if int(pid) == os.getpid():
+                    continue
+                try:
+                    fds = os.listdir(f"/proc/{{pid}}/fd")
+                    count += any(os.readlink(f"/proc/{{pid}}/fd/{{fd}}") == {str(lock_file)!r}
+                                 for fd in fds)
+                except OSError:
+                    pass
+            return count
+        give_up_at = time.monotonic() + {at_most_s}
+        while _waiting() < {others} and time.monotonic() < give_up_at:
+            time.sleep(0.01)
+        """)
+
 
 STOCK_RACE_SYMPTOM = re.compile(
     r"expected to match one row when updating|already exists|database is locked"

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_REVISIONS, Project, run_together
+from conftest import DEMO_REVISIONS, Project, run_together, waiting_for_lock_waiters
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import MigrationError
@@ -110,25 +110,6 @@ def test_transaction_per_migration_keeps_the_revisions_before_a_failure(
 # Relative targets, branches, merges --------------------------------------------------
 
 
-WAIT_FOR_THE_OTHERS = """\
-    import os, time
-    def _waiting() -> int:
-        count = 0
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            if int(pid) == os.getpid():
-                continue
-            try:
-                fds = os.listdir(f"/proc/{{pid}}/fd")
-                count += any(os.readlink(f"/proc/{{pid}}/fd/{{fd}}") == {lock!r} for fd in fds)
-            except OSError:
-                pass
-        return count
-    give_up_at = time.monotonic() + 60
-    while _waiting() < {others} and time.monotonic() < give_up_at:
-        time.sleep(0.01)
-"""
-
-
 def hold_until_the_others_wait(
     project: Project, revision_file: str, function: str, others: int
 ) -> None:
@@ -136,8 +117,9 @@ def hold_until_the_others_wait(
     each of them has looked at the version before this run commits, and waits for it."""
     path = project.versions / revision_file
     signature = f"def {function}() -> None:\n"
-    code = WAIT_FOR_THE_OTHERS.format(lock=f"{project.db}.migration-lock", others=others)
-    path.write_text(path.read_text().replace(signature, signature + code))
+    code = waiting_for_lock_waiters(f"{project.db}.migration-lock", others, at_most_s=60)
+    indented = "".join(f"    {line}\n" for line in code.splitlines())
+    path.write_text(path.read_text().replace(signature, signature + indented))
 
 
 def test_relative_targets_are_resolved_from_what_each_worker_first_saw(

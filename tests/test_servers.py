@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_REVISIONS, REPO, STOCK_RACE_SYMPTOM, Project, make_project
+from conftest import (
+    DEMO_REVISIONS,
+    REPO,
+    STOCK_RACE_SYMPTOM,
+    Project,
+    make_project,
+    waiting_for_lock_waiters,
+)
 
 import alembic
 
@@ -59,11 +66,10 @@ FOUND_DONE = re.compile(
 # meanwhile read a stale version and run migrations again. It records each run in the
 # demo's data_migrations table, so a second run shows in the data.
 SLOW_SECONDS = 4
-SLOW_REVISION_BODY = f"""\
-import time
-time.sleep({SLOW_SECONDS})
-op.execute("INSERT INTO data_migrations (revision, note) VALUES ('0009', 'slow')")
-"""
+INSERT_0009 = (
+    "op.execute(\"INSERT INTO data_migrations (revision, note) VALUES ('0009', 'slow')\")\n"
+)
+SLOW_REVISION_BODY = f"import time\ntime.sleep({SLOW_SECONDS})\n{INSERT_0009}"
 
 
 # Running servers --------------------------------------------------------------------------
@@ -342,11 +348,16 @@ def test_gunicorn_preload_migrates_once_in_the_master(
     assert_migrated_once(db)
 
 
-def slow_project(root: Path) -> Project:
-    """A copy of the demo project whose chain ends with the slow revision 0009."""
+def slow_project(root: Path, waiters_of: Path | None = None) -> Project:
+    """A copy of the demo project whose chain ends with the slow revision 0009: it sleeps
+    SLOW_SECONDS, or with ``waiters_of`` (a database) it lasts until another worker waits
+    for that database's run lock, which proves that worker looked while 0009 ran."""
     make_project(root)
     project = Project(root)
-    project.add_revision("0009", "0008", SLOW_REVISION_BODY)
+    body = SLOW_REVISION_BODY
+    if waiters_of is not None:
+        body = waiting_for_lock_waiters(f"{waiters_of}.migration-lock", 1, 60) + INSERT_0009
+    project.add_revision("0009", "0008", body)
     return project
 
 
@@ -354,9 +365,9 @@ def test_gunicorn_workers_wait_for_a_slow_migration(
     start_server: StartServer, tmp_path: Path
 ) -> None:
     """The forced race of the control below, with the library: the worker running 0009
-    holds the lock for seconds, the others wait for it, find the work done, and boot."""
-    project = slow_project(tmp_path / "proj")
+    holds the lock until another waits for it; the others find the work done, and boot."""
     db = tmp_path / "app.db"
+    project = slow_project(tmp_path / "proj", waiters_of=db)
     server = start_server(gunicorn(4), cwd=FLASK_DIR,
                           env={"APP_DATABASE": str(db), "APP_ALEMBIC_INI": str(project.ini)})
     check_server(server, 4, "flask_app", [*DEMO_REVISIONS, "0009"])

@@ -30,6 +30,16 @@ from workers import make_project, run_together  # noqa: E402
 
 __all__ = ["REPO", "Project", "Unprivileged", "make_project", "run_together", "traced_connect"]
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A slow test gets 600 s before pytest-timeout stops it: its own budgets (servers
+    booting, dozens of processes on a loaded 2-core runner) should fail it first, with
+    their clearer messages."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(600))
+
+
 DEMO_REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
 
 CHEAP_LOOK = 'SELECT version_num FROM "main"."alembic_version"'

@@ -264,6 +264,7 @@ def test_a_foreign_keys_pragma_inside_the_run_warns_and_loses_no_child_row(
 # Scale --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_long_chain_with_a_big_backfill(tmp_path: Path) -> None:
     """200 generated revisions, one backfilling 100,000 rows, with 4 workers at once."""
     from conftest import make_project

@@ -25,6 +25,7 @@ def applied_lines(stderr: str) -> list[str]:
     return re.findall(r"Applied migration: (\w+)", stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [4, 10, 32])
 def test_cli_workers_started_together_apply_each_migration_once(
     project: Project, workers: int

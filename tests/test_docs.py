@@ -142,6 +142,7 @@ class Reader:
                     os.kill(int(proc.name), signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("document", DOCUMENTS, ids=_ids)
 def test_every_block_of_the_document_runs(document: Path, tmp_path: Path) -> None:
     blocks, demo = parse(document)

@@ -37,7 +37,13 @@ import os, pathlib, time
 markers = pathlib.Path({str(markers)!r})
 (markers / f"{rev}.{{os.getpid()}}").touch()
 {DDL[rev]}
-time.sleep(0.3)  # a window for the kill, after this revision's DDL ran
+time.sleep(0.3)  # workers overlap
+if (markers / "kill-{rev}").exists():
+    # The kill lands here, after this revision's DDL ran: the first worker to get here
+    # waits for it; whoever runs the revision after the kill goes on.
+    give_up_at = time.monotonic() + 60
+    while not (markers / "killed").exists() and time.monotonic() < give_up_at:
+        time.sleep(0.005)
 if (markers / "fail-{rev}").exists():
     raise RuntimeError("planned failure in {rev}")
 """
@@ -71,16 +77,16 @@ def reference_schema(root: Path, revision: str | None) -> list[tuple[object, ...
 
 
 def killer(markers: Path, revision: str, stop: threading.Event, killed: list[int]) -> None:
-    """SIGKILL the first process that reaches ``revision`` (it holds the lock then)."""
+    """SIGKILL the first process that reaches ``revision``: it holds the lock and waits
+    in that revision for this kill (``kill-<revision>``), so it is the only one there
+    and still alive."""
     while not stop.wait(0.005):
         found = list(markers.glob(f"{revision}.*"))
         if found:
             pid = int(found[0].name.split(".")[1])
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            (markers / "killed").touch()
             return
 
 
@@ -110,6 +116,7 @@ def test_any_workers_kills_and_failures_leave_a_consistent_database(
     stop, killed = threading.Event(), []  # type: ignore[var-annotated]
     watcher = None
     if kill_at is not None:
+        (markers / f"kill-{kill_at}").touch()
         watcher = threading.Thread(target=killer, args=(markers, kill_at, stop, killed))
         watcher.start()
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -104,7 +105,25 @@ class Server:
                 time.sleep(0.5)
 
 
+_PORTS = random.SystemRandom()  # never reseeded by a test
+
+
 def free_port() -> int:
+    """A free port below the kernel's ephemeral range: between this check and the server
+    binding it, no outgoing connection (of a test running in parallel) can be given it,
+    as a port from bind(0) could."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    for _ in range(100):
+        port = _PORTS.randrange(10000, max(first_ephemeral, 10001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 
 from . import _diagnose, _sqlite
 from ._backend import Backend, RunOptions, describe_url, open_backend
-from ._errors import ConfigurationError, MigrationLockError, RollbackFailed
+from ._errors import ConfigurationError, MigrationLockError, RollbackFailed, busy_reading
 from ._progress import (
     Progress,
     StepsFn,
@@ -210,6 +210,7 @@ class _OnlineRun:
 
     def _finished_unlocked(self, source: Backend) -> bool:
         """A look without the lock: True when the command has nothing to migrate."""
+        looked_at = time.monotonic()
         try:
             with source.reading() as connection:
                 self.env.configure(connection=connection, **self.kwargs)
@@ -233,9 +234,12 @@ class _OnlineRun:
                     return False
                 connection.commit()
         except exc.DBAPIError as error:
-            if source.is_busy(error):
-                return False  # the locked pass waits its turn, with retries
-            raise _database_error(source, error) from error
+            if not source.is_busy(error):
+                raise _database_error(source, error) from error
+            if not self.migrates:
+                # A read-only command never goes on to the locked run.
+                raise busy_reading(source.url, time.monotonic() - looked_at) from error
+            return False  # the locked pass waits its turn, with retries
         if self.migrates:
             logger.info("Database already at %s, nothing to do", revisions(heads))
         return True

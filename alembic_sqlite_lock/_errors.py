@@ -67,6 +67,21 @@ class RollbackFailed(MigrationError):
     """A migration failed and rolling it back failed too; the database needs a look."""
 
 
+def busy_reading(url: str, waited_s: float) -> LockTimeout:
+    """A read-only command could not read the version: it never queues for the lock."""
+    msg = (
+        f"Could not read the revision of {url}: another connection kept it locked for "
+        f"writing for {waited_s:.1f}s. Read-only commands take no lock and do not queue "
+        "for one, so this one gave up: a write transaction is committing, or one holds "
+        "the database exclusively (a large migration in SQLite's default rollback-journal "
+        "mode keeps readers out until it commits; journal_mode=WAL lets them read). Run "
+        "`alembic-sqlite-lock status` to see whether a migration is running and who runs "
+        "it, try again later, or wait longer with busy_timeout_s (`-x "
+        "lock_busy_timeout_s=60`)."
+    )
+    return LockTimeout(msg, url=url, attempts=1, waited_s=waited_s)
+
+
 def lock_timeout(
     url: str, attempts: int, waited_s: float, causes: str | None = None
 ) -> LockTimeout:

@@ -227,12 +227,9 @@ def _dbapi(connection: Connection) -> sqlite3.Connection:
     return driver
 
 
-def missing_database_file(url: str) -> str | None:
-    """The path of a plain sqlite file URL whose file does not exist, else None.
-
-    Opening it through SQLite would create an empty file: a look must not do that, and
-    neither may a run whose target turns out not to exist.
-    """
+def plain_database_file(url: str) -> str | None:
+    """The absolute path of a plain sqlite file URL, whether the file exists or not;
+    None for other databases, in-memory ones and URI filenames (SQLite reads those)."""
     try:
         parsed = make_url(url)
     except Exception:
@@ -241,9 +238,18 @@ def missing_database_file(url: str) -> str | None:
     if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
         return None
     if database.startswith("file:") or parsed.query.get("uri"):
-        return None  # URI filenames: let SQLite interpret them
-    path = os.path.abspath(database)
-    return None if os.path.exists(path) else path
+        return None
+    return os.path.abspath(database)
+
+
+def missing_database_file(url: str) -> str | None:
+    """The path of a plain sqlite file URL whose file does not exist, else None.
+
+    Opening it through SQLite would create an empty file: a look must not do that, and
+    neither may a run whose target turns out not to exist.
+    """
+    path = plain_database_file(url)
+    return path if path is not None and not os.path.exists(path) else None
 
 
 class _Source:
@@ -266,7 +272,8 @@ class _Source:
         return is_busy(error)
 
     def _note_path(self, connection: Connection) -> None:
-        set_busy_timeout(connection, self.policy.busy_timeout_s)
+        # The look waits on a busy database no longer than the whole run may.
+        set_busy_timeout(connection, self.policy.busy_timeout_for(self.policy.deadline_s))
         if self.database_path is None:  # once per run: one warning, one mountinfo read
             self.database_path = database_path(connection)
             _diagnose.warn_about_setup(self.url, self.database_path)  # :memory:, NFS, FUSE

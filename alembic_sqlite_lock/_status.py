@@ -19,10 +19,21 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from . import _backup, _holder
-from ._inspect import read_state
+from . import _backup, _holder, _sqlite
+from ._backend import describe_url
+from ._errors import LockTimeout
+from ._inspect import DatabaseState, read_state
 from ._runlock import lock_path_for
-from ._settings import resolve_setting
+from ._settings import resolve_setting, resolve_settings
+
+STATUS_READ_WAIT_S = 1.0
+"""How long status waits to read a database locked for writing (busy_timeout_s, if lower,
+or a --busy_timeout_s flag, wins)."""
+
+LOCKED_FOR_WRITING = (
+    "the database is locked for writing right now (a migration or another write "
+    "transaction holds it exclusively, or is committing); see Migration below"
+)
 
 try:
     import fcntl
@@ -35,7 +46,8 @@ class StatusReport:
     database: str
     database_path: str
     database_exists: bool
-    current: list[str]
+    current: list[str] | None
+    """None when the database could not be read (locked for writing right now)."""
     heads: list[str]
     pending: list[str] | None
     """Revisions `upgrade heads` would apply, in order; None when it cannot be told."""
@@ -77,16 +89,28 @@ class StatusReport:
 
 
 def gather(config: Config, **settings: Any) -> StatusReport:
-    state = read_state(config, **settings)
+    # An operator asking "what is going on" wants the answer now: a database locked by
+    # a writer is reported as such after a moment, with who migrates it, not waited out.
+    busy_timeout_s = resolve_settings(config, settings).policy.busy_timeout_s
+    settings.setdefault("busy_timeout_s", min(busy_timeout_s, STATUS_READ_WAIT_S))
     script = ScriptDirectory.from_config(config)
     heads = list(script.get_heads())
+    current: list[str] | None
     pending: list[str] | None
     problem = None
     try:
-        steps = script._upgrade_revs("heads", state.current)  # type: ignore[arg-type]
-        pending = [str(step.revision.revision) for step in steps]
-    except CommandError as error:
-        pending, problem = None, str(error)
+        state = read_state(config, **settings)
+    except LockTimeout:
+        url = config.get_main_option("sqlalchemy.url") or ""
+        state = DatabaseState(describe_url(url), _sqlite.plain_database_file(url) or "", True, ())
+        current, pending, problem = None, None, LOCKED_FOR_WRITING
+    else:
+        current = list(state.current)
+        try:
+            steps = script._upgrade_revs("heads", state.current)  # type: ignore[arg-type]
+            pending = [str(step.revision.revision) for step in steps]
+        except CommandError as error:
+            pending, problem = None, str(error)
     path = state.database_path
     record_path = _holder.record_path_for(path)
     holder = _holder.read(record_path) if record_path else None
@@ -95,7 +119,7 @@ def gather(config: Config, **settings: Any) -> StatusReport:
         database=state.url,
         database_path=path,
         database_exists=state.exists,
-        current=list(state.current),
+        current=current,
         heads=heads,
         pending=pending,
         problem=problem,
@@ -134,11 +158,15 @@ def format_text(report: StatusReport) -> str:
     lines = [f"Database:   {report.database}"]
     if not report.database_exists:
         lines.append(f"            (the file {report.database_path} does not exist yet)")
-    lines.append(f"Current:    {', '.join(report.current) or 'base (no revision)'}")
+    if report.current is None:
+        lines.append(f"Current:    unknown: {report.problem}")
+    else:
+        lines.append(f"Current:    {', '.join(report.current) or 'base (no revision)'}")
     label = "Head:" if len(report.heads) == 1 else "Heads:"
     lines.append(f"{label:<12}{', '.join(report.heads) or '(no revisions)'}")
     if report.pending is None:
-        lines.append(f"Pending:    unknown: {report.problem}")
+        lines.append(f"Pending:    unknown: {report.problem}" if report.current is not None
+                     else "Pending:    unknown")
     elif report.pending:
         lines.append(f"Pending:    {len(report.pending)}: {', '.join(report.pending)}")
     else:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -105,15 +106,28 @@ def test_process_start_parses_names_with_spaces_and_parens(tmp_path: Path) -> No
 
 # A real holder, seen by waiters and by status ---------------------------------------
 
-@pytest.fixture
-def slow_holder(project: Project, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
-    """`alembic upgrade head` in another process, parked inside revision 0009."""
+# A large migration in SQLite's default journal mode: once its changes overflow the page
+# cache (one page here), SQLite takes the EXCLUSIVE lock before COMMIT and readers wait.
+SPILLING = (
+    "op.execute('PRAGMA cache_size = 1')\n"
+    "op.execute('CREATE TABLE blobs (b BLOB)')\n"
+    "op.execute('INSERT INTO blobs SELECT randomblob(1000) FROM (WITH RECURSIVE c(i) AS "
+    "(SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 2000) SELECT i FROM c)')\n"
+)
+
+
+def parked_holder(
+    project: Project, tmp_path: Path, first: str = ""
+) -> Iterator[subprocess.Popen[str]]:
+    """`alembic upgrade head` in another process, parked inside revision 0009 after
+    running ``first``."""
     assert project.alembic("upgrade", "head").returncode == 0
-    gate = tmp_path / "go"
+    gate, parked = tmp_path / "go", tmp_path / "parked"
     project.add_revision(
         "0009", "0008",
-        f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    time.sleep(0.01)\n"
-        "op.add_column('users', sa.Column('nickname', sa.Text()))",
+        f"{first}import os, pathlib, time\npathlib.Path({str(parked)!r}).touch()\n"
+        f"while not os.path.exists({str(gate)!r}):\n"
+        "    time.sleep(0.01)\nop.add_column('users', sa.Column('nickname', sa.Text()))",
     )
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("alembic")), "-c", str(project.ini),
@@ -122,9 +136,9 @@ def slow_holder(project: Project, tmp_path: Path) -> Iterator[subprocess.Popen[s
     )
     try:
         deadline = time.monotonic() + 60
-        while _holder.read(str(record_path(project))) is None:
+        while _holder.read(str(record_path(project))) is None or not parked.exists():
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the holder never wrote its record"
+            assert time.monotonic() < deadline, "the holder never parked in 0009"
             time.sleep(0.01)
         yield proc
         gate.touch()
@@ -135,6 +149,18 @@ def slow_holder(project: Project, tmp_path: Path) -> Iterator[subprocess.Popen[s
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def slow_holder(project: Project, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A holder parked inside revision 0009, readers free to read."""
+    yield from parked_holder(project, tmp_path)
+
+
+@pytest.fixture
+def exclusive_holder(project: Project, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    """A holder parked inside revision 0009 with the database locked exclusively."""
+    yield from parked_holder(project, tmp_path, SPILLING)
 
 
 def test_waiters_name_the_holder_and_status_shows_it(
@@ -172,6 +198,41 @@ def test_waiters_name_the_holder_and_status_shows_it(
     assert caught.value.holder is not None
     assert caught.value.holder.startswith(f"held by pid {slow_holder.pid} on ")
     assert f"The lock is held by pid {slow_holder.pid}" in str(caught.value)
+
+
+def test_read_only_commands_never_queue_for_a_database_locked_exclusively(
+    project: Project, exclusive_holder: subprocess.Popen[str]
+) -> None:
+    """Readers cannot read while a large migration holds SQLite's EXCLUSIVE lock: current
+    gives up with its own error (not a migration lock timeout: it never queues for the
+    lock), status still says who migrates, and a waiter's look obeys deadline_s."""
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLI, *args], cwd=project.root, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    current = run("current", "--busy_timeout_s", "0.2")
+    assert current.returncode == 3, current.stdout + current.stderr
+    assert f"Could not read the revision of sqlite:///{project.db}" in current.stderr
+    assert "alembic-sqlite-lock status" in current.stderr
+    assert "migration lock" not in current.stderr
+    assert "Traceback" not in current.stderr
+
+    report = json.loads(run("status", "--json").stdout)
+    assert report["current"] is None
+    assert report["pending"] is None
+    assert report["migration_running"] is True
+    assert report["holder"]["pid"] == exclusive_holder.pid
+    text = run("status").stdout
+    assert "Current:    unknown: the database is locked for writing right now" in text
+    assert f"Migration:  running: pid {exclusive_holder.pid} on " in text
+
+    upgrade = run("upgrade", "--deadline_s", "1")
+    assert upgrade.returncode == 3, upgrade.stdout + upgrade.stderr
+    waited = re.search(r"Could not take the migration lock on \S+ after \d+ attempts? over "
+                       r"([\d.]+)s", upgrade.stderr)
+    assert waited, upgrade.stderr
+    assert float(waited.group(1)) < 5  # the deadline, not the look's 30 s busy timeout
+    assert "Applying migration" not in upgrade.stderr
 
 
 def test_the_record_is_gone_after_the_run(project: Project) -> None:

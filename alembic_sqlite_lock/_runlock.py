@@ -46,6 +46,29 @@ def lock_path_for(database_path: str) -> str | None:
     return database_path + SUFFIX
 
 
+def run_lock_held(lock_path: str | None) -> bool | None:
+    """Is a run holding ``lock_path`` now? None when it cannot be told."""
+    if lock_path is None or fcntl is None:
+        return None
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False  # no run ever took it
+    except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return None
+        raise
+    try:
+        # LOCK_SH: it conflicts with a holder's LOCK_EX just the same, and a worker that
+        # tries in this instant is woken by the kernel as soon as the descriptor closes.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock at once, if it got it
+    return False
+
+
 class RunLock:
     """An exclusive ``flock`` on the lock file, taken with a timeout."""
 

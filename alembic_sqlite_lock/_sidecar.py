@@ -16,6 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import RevisionStep
 
 from . import _backup, _holder
+from ._runlock import lock_path_for, run_lock_held
 from ._settings import resolve_settings
 
 logger = logging.getLogger(__name__)
@@ -30,9 +31,15 @@ class Sidecar:
         self.backup_keep = settings.backup_keep
         self._record: _holder.Holder | None = None
 
+    def _no_run_going(self) -> bool:
+        """The run lock proves that nobody migrates now: a record is left over then, on
+        whichever host it names (a holder removes its record before it lets go)."""
+        return run_lock_held(lock_path_for(self.database_path)) is False
+
     def holder_alive(self) -> bool:
-        """The recorded holder provably runs on this host (for wait_while_holder_alive)."""
-        if self.record_path is None:
+        """The recorded holder provably runs on this host and migrates now (for
+        wait_while_holder_alive)."""
+        if self.record_path is None or self._no_run_going():
             return False
         holder = _holder.read(self.record_path)
         return holder is not None and _holder.provably_alive(holder)
@@ -48,7 +55,11 @@ class Sidecar:
         return holder.to_revisions
 
     def holder_suffix(self) -> str:
-        """`` (held by pid 4711 on web-2, a1b2 -> c3d4, for 1.4 s)`` or ""."""
+        """`` (held by pid 4711 on web-2, a1b2 -> c3d4, for 1.4 s)``, or "" when no record
+        may be true: none, a stale one, or one left over while nobody migrates (then the
+        lock is busy because of someone else, an app's write transaction say)."""
+        if self._no_run_going():
+            return ""
         return _holder.suffix(self.record_path)
 
     def starting(self, heads: Sequence[str], steps: Sequence[Any]) -> None:

@@ -9,7 +9,6 @@ itself (closing a descriptor of the database would drop SQLite's locks in this p
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from . import _backup, _holder, _sqlite
 from ._backend import describe_url
 from ._errors import LockTimeout
 from ._inspect import DatabaseState, read_state
-from ._runlock import lock_path_for
+from ._runlock import lock_path_for, run_lock_held
 from ._settings import resolve_setting, resolve_settings
 
 STATUS_READ_WAIT_S = 1.0
@@ -34,12 +33,6 @@ LOCKED_FOR_WRITING = (
     "the database is locked for writing right now (a migration or another write "
     "transaction holds it exclusively, or is committing); see Migration below"
 )
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
 
 @dataclass
 class StatusReport:
@@ -129,29 +122,6 @@ def gather(config: Config, **settings: Any) -> StatusReport:
         backup_dir=backup_dir,
         backups=_backup.listing(backup_dir, path),
     )
-
-
-def run_lock_held(lock_path: str | None) -> bool | None:
-    """Is a run holding ``lock_path`` now? None when it cannot be told."""
-    if lock_path is None or fcntl is None:
-        return None
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        return False  # no run ever took it
-    except OSError as error:
-        if error.errno in (errno.EACCES, errno.EPERM):
-            return None
-        raise
-    try:
-        # LOCK_SH: it conflicts with a holder's LOCK_EX just the same, and a worker that
-        # tries in this instant is woken by the kernel as soon as the descriptor closes.
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe's lock at once, if it got it
-    return False
 
 
 def format_text(report: StatusReport) -> str:

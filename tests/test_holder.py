@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -308,3 +309,33 @@ def test_waiting_past_the_deadline_still_times_out_without_a_live_holder(
         alembic_sqlite_lock.upgrade(project.ini, deadline_s=0.5, busy_timeout_s=0.2,
                                     wait_while_holder_alive=True)
     assert project.version() == []
+
+
+@pytest.mark.parametrize("whose", ["another host", "a live process here"])
+def test_a_left_over_record_is_not_blamed_while_nobody_migrates(
+    project: Project, whose: str
+) -> None:
+    """A record that outlived its run (no process holds the run lock) while an app's write
+    transaction keeps the database busy: the waiter neither names the record's process as
+    the holder nor waits on for it past the deadline."""
+    assert project.alembic("upgrade", "0007").returncode == 0
+    record = _holder.this_process(["0007"], ["0008"])  # this test's own, live process
+    if whose == "another host":
+        record = dataclasses.replace(record, host="web-2", pid=4711)
+    _holder.write(str(record_path(project)), record)
+    app = sqlite3.connect(project.db, isolation_level=None)
+    app.execute("BEGIN IMMEDIATE")  # an app's write transaction, not a migration
+    try:
+        result = subprocess.run(
+            [CLI, "upgrade", "--deadline_s", "1", "--busy_timeout_s", "0.2",
+             "--wait_while_holder_alive", "true"],
+            cwd=project.root, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        app.rollback()
+        app.close()
+    assert result.returncode == 3, result.stderr
+    assert "Could not take the migration lock" in result.stderr
+    assert "held by" not in result.stderr
+    assert f"pid {record.pid}" not in result.stderr
+    assert project.version() == ["0007"]
+

@@ -15,8 +15,7 @@ from conftest import Project
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import _backup, _cli
-from alembic_sqlite_lock._runlock import SUFFIX
-from alembic_sqlite_lock._status import run_lock_held
+from alembic_sqlite_lock._runlock import SUFFIX, run_lock_held
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 

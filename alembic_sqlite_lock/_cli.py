@@ -15,6 +15,7 @@ Errors are one paragraph on stderr; ``--verbose`` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import configparser
 import os
 import sys
 import traceback
@@ -35,6 +36,7 @@ from ._errors import (
     UnknownRevision,
 )
 from ._settings import NAMES, X_PREFIX, convert
+from ._settings import SECTION as SETTINGS_SECTION
 from ._version import __version__
 
 PROG = "alembic-sqlite-lock"
@@ -53,6 +55,7 @@ exit codes:
      several heads, a database ahead of the code, env.py without run_migrations())
   3  the migration lock was not free in time (LockTimeout)
   4  any other error (an unusable database file, an exception in env.py)
+  130  interrupted (Ctrl-C); 143  stopped by SIGTERM during a run (rolled back)
 """
 
 DESCRIPTION = """\
@@ -99,7 +102,9 @@ def _report(error: BaseException, code: int, verbose: bool) -> None:
     if code == EXIT_OTHER and not isinstance(error, CommandError):
         message = f"{type(error).__name__}: {message}"
     hint = "" if verbose else " (--verbose shows the traceback)"
-    print(f"{PROG}: error: {message}{hint if code == EXIT_OTHER else ''}", file=sys.stderr)
+    # The hint is for the unexpected: our own errors say all there is to say.
+    unexpected = code == EXIT_OTHER and not isinstance(error, MigrationLockError)
+    print(f"{PROG}: error: {message}{hint if unexpected else ''}", file=sys.stderr)
 
 
 # Parser -----------------------------------------------------------------------------
@@ -228,8 +233,38 @@ def _config(args: argparse.Namespace) -> Config:
     # Alembic's CLI hands its parsed options to Config as cmd_opts; env.py reads -x
     # (context.get_x_argument()) from there, and so do our lock_* settings.
     cmd_opts = argparse.Namespace(x=[*args.global_x, *args.x], config=path)
-    return Config(path, ini_section=args.name or args.global_name or "alembic",
-                  cmd_opts=cmd_opts)
+    section = args.name or args.global_name or "alembic"
+    config = Config(path, ini_section=section, cmd_opts=cmd_opts)
+    _check_readable(config, os.path.abspath(path), section)
+    return config
+
+
+def _check_readable(config: Config, path: str, section: str) -> None:
+    """Fail on a broken alembic.ini now, with its name, rather than mid-command with a
+    configparser error that names neither the file nor the fix."""
+    try:
+        parser = config.file_config
+        for name in (section, SETTINGS_SECTION):
+            if parser.has_section(name):
+                parser.items(name)  # interpolation errors (a lone %) surface here
+        # Alembic >= 1.16 also reads script_location from pyproject.toml.
+        get_option = getattr(config, "get_alembic_option", config.get_main_option)
+        script_location = get_option("script_location")
+    except configparser.Error as error:
+        msg = (
+            f"The configuration file {path} cannot be read: {' '.join(str(error).split())}. "
+            "Fix the file: options go in sections such as [alembic], and a literal % is "
+            "written %%."
+        )
+        raise ConfigurationError(msg) from error
+    if not script_location:
+        msg = (
+            f"The configuration file {path} has no script_location in its [{section}] "
+            "section, so there are no migration scripts to run. Add `script_location = "
+            f"%(here)s/alembic` there (`{PROG} init DIR` writes a complete alembic.ini), "
+            "or pick the right section with -n/--name."
+        )
+        raise ConfigurationError(msg)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -9,6 +9,7 @@ commented ``[alembic_sqlite_lock]`` section and logging that shows our INFO line
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
         target / "env.py": ENV_PY,
         target / "script.py.mako": SCRIPT_PY_MAKO,
         target / "README": README,
-        ini: ini_text(_script_location(target, ini.parent), url),
+        ini: ini_text(_script_location(target, ini.parent), _ini_value(url)),
     }
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,10 +228,16 @@ def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
     return created
 
 
+def _ini_value(text: str) -> str:
+    """``text`` written so that configparser reads it back: every % is literal (%%) but
+    in ``%(here)s``, the one interpolation a path or URL here is meant to use."""
+    return re.sub(r"%(?!\(here\)s)", "%%", text)
+
+
 def _script_location(target: Path, ini_dir: Path) -> str:
     """``%(here)s/<dir>`` when the environment sits under the ini's folder (movable)."""
     try:
         relative = target.relative_to(ini_dir)
     except ValueError:
-        return str(target)
-    return "%(here)s/" + relative.as_posix()
+        return _ini_value(str(target))
+    return "%(here)s/" + _ini_value(relative.as_posix())

@@ -133,6 +133,49 @@ def test_init_into_an_empty_directory_with_another_ini_path(tmp_path: Path) -> N
     assert f"script_location = {tmp_path / 'db'}\n" in ini  # not under the ini's folder
 
 
+def test_init_writes_percent_signs_of_a_path_or_url_literally(tmp_path: Path) -> None:
+    """configparser reads a lone % as interpolation: init writes it as %%, and keeps
+    %(here)s, the one interpolation a URL in alembic.ini is meant to use."""
+    result = cli("init", "db%c", "-c", "my.ini", "--url", "sqlite:///%(here)s/50%off.db",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ini = (tmp_path / "my.ini").read_text()
+    assert "script_location = %(here)s/db%%c\n" in ini
+    assert "sqlalchemy.url = sqlite:///%(here)s/50%%off.db\n" in ini
+    upgrade = cli("-c", "my.ini", "upgrade", cwd=tmp_path)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert (tmp_path / "50%off.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("sqlalchemy.url = sqlite:///app.db\n", "File contains no section headers"),
+        ("[alembic]\nscript_location = migrations\nsqlalchemy.url = sqlite:///50%off.db\n",
+         "'%' must be followed by '%' or '('"),
+        ("[alembic_sqlite_lock]\ndeadline_s = 5%\n[alembic]\nscript_location = m\n",
+         "'%' must be followed by '%' or '('"),
+        ("[alembic]\nsqlalchemy.url = sqlite:///app.db\n",
+         "has no script_location in its [alembic]"),
+    ],
+    ids=["no section", "lone percent", "lone percent in our section", "no script_location"],
+)
+def test_a_broken_ini_is_a_configuration_error_that_names_the_file(
+    tmp_path: Path, text: str, needle: str
+) -> None:
+    (tmp_path / "broken.ini").write_text(text)
+    for command in ("upgrade", "current", "status"):
+        result = cli("-c", "broken.ini", command, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert_no_traceback(result)
+        assert result.stderr.startswith(
+            f"alembic-sqlite-lock: error: The configuration file {tmp_path / 'broken.ini'} "
+        ), result.stderr
+        assert needle in result.stderr
+        assert "--verbose" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ini"]  # nothing created
+
+
 @pytest.mark.slow
 def test_an_init_project_survives_eight_concurrent_cli_upgrades(tmp_path: Path) -> None:
     project = init_project(tmp_path / "proj")

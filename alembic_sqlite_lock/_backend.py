@@ -36,6 +36,9 @@ class Backend(Protocol):
     """Appended to the error when the version cannot be read at all."""
     timeout_causes: str | None
     """What a LockTimeout on this database most likely means (None: the SQLite text)."""
+    still_waiting: Callable[[], None] | None
+    """Called now and then while a wait for the lock lasts (SQLite's run lock), so that
+    a long wait shows in the log; set by the orchestrator."""
 
     @property
     def database_file(self) -> str | None:
@@ -110,6 +113,8 @@ class ServerBackend:
 
     database_file = None
     """No file beside the database for a holder record or a backup."""
+    still_waiting: Callable[[], None] | None = None
+    """Unused: the server's lock wait is one statement with its own timeout."""
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:

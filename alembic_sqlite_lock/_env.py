@@ -182,6 +182,10 @@ class _OnlineRun:
             # The holder record (who migrates, for waiters and `status`) and the opt-in
             # backup live beside a database file; server databases have neither.
             sidecar = Sidecar(self.env.config, source.database_file)
+            source.still_waiting = lambda: logger.info(
+                "Still waiting for the migration lock on %s after %.1fs%s",
+                source.url, time.monotonic() - started, sidecar.holder_suffix(),
+            )
             if not purge:
                 # Work to do. If another worker is migrating, wait for it to finish and
                 # look again: usually it did the same work.

@@ -28,6 +28,8 @@ import errno
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 
 try:
     import fcntl
@@ -37,6 +39,11 @@ except ImportError:  # pragma: no cover - not POSIX
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".migration-lock"
+
+FIRST_NOTICE_S = 5.0
+"""A wait for the run lock that lasts this long is reported (``still_waiting``)..."""
+NOTICE_EVERY_S = 15.0
+"""...and again this often while it lasts."""
 
 
 def lock_path_for(database_path: str) -> str | None:
@@ -85,18 +92,26 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, timeout_s: float, *, shared: bool = False) -> bool:
+    def acquire(
+        self,
+        timeout_s: float,
+        *,
+        shared: bool = False,
+        still_waiting: Callable[[], None] | None = None,
+    ) -> bool:
         """Take the lock within ``timeout_s``; False if another process kept it.
 
         ``shared``: many holders at once, none while a run holds it exclusively; waiters
         use it to wait for a run to end and then all look at the result in parallel.
+        ``still_waiting`` is called after FIRST_NOTICE_S of blocking, then every
+        NOTICE_EVERY_S: a long wait says so, a short one stays quiet.
         """
         assert self._fd is None, "RunLock is not reentrant"
         fd = self._open()
         if fd is None:
             return True  # no usable lock file: SQLite's lock alone serializes the run
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if _try_flock(fd, mode) or _flock_waiting(fd, timeout_s, mode):
+        if _try_flock(fd, mode) or _flock_waiting(fd, timeout_s, mode, still_waiting):
             self._fd = fd
             return True
         return False
@@ -130,7 +145,9 @@ def _try_flock(fd: int, mode: int) -> bool:
     return True
 
 
-def _flock_waiting(fd: int, timeout_s: float, mode: int) -> bool:
+def _flock_waiting(
+    fd: int, timeout_s: float, mode: int, still_waiting: Callable[[], None] | None = None
+) -> bool:
     """Block in the kernel for the lock, giving up after ``timeout_s``.
 
     ``flock`` has no timeout, so a daemon thread blocks in it while this thread waits
@@ -153,8 +170,18 @@ def _flock_waiting(fd: int, timeout_s: float, mode: int) -> bool:
                 got_it.set()
 
     threading.Thread(target=wait, name="alembic-sqlite-lock-wait", daemon=True).start()
-    if got_it.wait(timeout_s):
-        return True
+    started = time.monotonic()
+    give_up_at, notice_at = started + timeout_s, started + FIRST_NOTICE_S
+    while True:
+        now = time.monotonic()
+        if now >= give_up_at:
+            break
+        wake_at = give_up_at if still_waiting is None else min(give_up_at, notice_at)
+        if got_it.wait(max(0.0, wake_at - now)):
+            return True
+        if still_waiting is not None and notice_at <= time.monotonic() < give_up_at:
+            still_waiting()
+            notice_at += NOTICE_EVERY_S
     with guard:
         if got_it.is_set():
             return True

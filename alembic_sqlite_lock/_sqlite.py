@@ -267,6 +267,7 @@ class _Source:
         self.policy = policy
         self.database_path: str | None = None  # as SQLite resolved it, for the run lock
         self._run_lock: RunLock | None = None
+        self.still_waiting: Callable[[], None] | None = None
 
     def is_busy(self, error: BaseException) -> bool:
         return is_busy(error)
@@ -318,7 +319,8 @@ class _Source:
         self._open_spare()
         if while_waiting is not None:
             while_waiting()
-        if not run_lock.acquire(max(0.0, give_up_at - time.monotonic()), shared=True):
+        if not run_lock.acquire(max(0.0, give_up_at - time.monotonic()), shared=True,
+                                still_waiting=self.still_waiting):
             return False
         run_lock.release()
         return True
@@ -352,7 +354,7 @@ class _Source:
         _diagnose.check_writable(self.database_path or "", self.url)
         run_lock = RunLock(lock_path)
         started = time.monotonic()
-        if not run_lock.acquire(timeout_s):
+        if not run_lock.acquire(timeout_s, still_waiting=self.still_waiting):
             raise LockBusy(f"{run_lock.path} is held by another worker")
         try:
             left = max(0.0, timeout_s - (time.monotonic() - started))

@@ -22,6 +22,7 @@ from conftest import Project
 import alembic_sqlite_lock
 from alembic_sqlite_lock import _holder
 from alembic_sqlite_lock._holder import Holder
+from alembic_sqlite_lock._runlock import FIRST_NOTICE_S
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 
@@ -199,6 +200,22 @@ def test_waiters_name_the_holder_and_status_shows_it(
     assert caught.value.holder is not None
     assert caught.value.holder.startswith(f"held by pid {slow_holder.pid} on ")
     assert f"The lock is held by pid {slow_holder.pid}" in str(caught.value)
+
+
+def test_a_long_wait_says_so_at_info_and_names_the_holder(
+    project: Project, slow_holder: subprocess.Popen[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the default settings the retry lines of the first attempts are DEBUG, and an
+    attempt blocks up to busy_timeout_s: a wait that lasts says so at INFO anyway."""
+    caplog.set_level(logging.INFO, logger="alembic_sqlite_lock")
+    with pytest.raises(alembic_sqlite_lock.LockTimeout):
+        alembic_sqlite_lock.upgrade(project.ini, deadline_s=FIRST_NOTICE_S + 1)
+    notices = [r for r in caplog.records
+               if r.getMessage().startswith("Still waiting for the migration lock on ")]
+    assert len(notices) == 1, [r.getMessage() for r in caplog.records]
+    assert notices[0].levelno == logging.INFO
+    assert f"(held by pid {slow_holder.pid} on {socket.gethostname()}, 0008 -> 0009, " \
+        in notices[0].getMessage()
 
 
 def test_read_only_commands_never_queue_for_a_database_locked_exclusively(

@@ -104,7 +104,8 @@ def name_pattern(database_path: str) -> re.Pattern[str]:
     """
     return re.compile(
         re.escape(os.path.basename(database_path))
-        + rf"\.{_REVISIONS}-to-{_REVISIONS}\.(?P<stamp>\d{{8}}T\d{{6}}Z)(?:-(?P<n>\d+))?"
+        + rf"\.(?P<step>{_REVISIONS}-to-{_REVISIONS})\.(?P<stamp>\d{{8}}T\d{{6}}Z)"
+        + r"(?:-(?P<n>\d+))?"
         + re.escape(EXTENSION)
     )
 
@@ -136,9 +137,14 @@ def listing(directory: str | None, database_path: str) -> list[Backup]:
 
 
 def prune(directory: str, database_path: str, keep: int, written: str) -> list[str]:
-    """Delete this database's oldest backups so that at most ``keep`` remain, counting
-    ``written`` (the backup just made), which is never deleted; ``keep`` 0 deletes
-    nothing. Returns the paths deleted.
+    """With ``keep`` > 0, after ``written`` (the backup just made, never deleted): delete
+    this database's older backups of the same step, then the oldest so that at most
+    ``keep`` remain. ``keep`` 0 deletes nothing. Returns the paths deleted.
+
+    The same step again usually means that the earlier run of it failed and was rolled
+    back: the database is still at its "from" revision, and the newer copy holds what
+    the older ones do plus the app's writes since. Dropping those first keeps a
+    crash-looping deploy from pushing every other step's backup out of the N kept.
 
     Called inside the lock, after a successful backup, so no other worker of this
     database writes or prunes backups meanwhile. Nothing here fails the migration: the
@@ -153,18 +159,33 @@ def prune(directory: str, database_path: str, keep: int, written: str) -> list[s
         logger.warning("Could not list old backups in %s to keep %d: %s",
                        directory, keep, error)
         return []
+    pattern = name_pattern(database_path)
     just_written = os.path.basename(written)
+    step = _step(pattern, just_written)
     older = [b for b in backups if os.path.basename(b.path) != just_written]
-    deleted = []
-    for backup in older[: max(0, len(older) - (keep - 1))]:
-        try:
-            os.remove(backup.path)
-        except FileNotFoundError:
-            continue  # someone removed it by hand meanwhile: it is gone, as intended
-        except OSError as error:
-            logger.warning("Could not delete old backup %s (backup_keep = %d): %s; "
-                           "the migration goes on", backup.path, keep, error)
-            continue
-        logger.info("Deleted old backup %s (backup_keep = %d)", backup.path, keep)
-        deleted.append(backup.path)
+    same_step = [b for b in older if _step(pattern, os.path.basename(b.path)) == step]
+    deleted = [path for b in same_step
+               if (path := _delete(b.path, f"backup_keep = {keep}, a newer backup of {step}"))]
+    older = [b for b in older if b not in same_step]
+    deleted += [path for b in older[: max(0, len(older) - (keep - 1))]
+                if (path := _delete(b.path, f"backup_keep = {keep}"))]
     return deleted
+
+
+def _step(pattern: re.Pattern[str], name: str) -> str | None:
+    match = pattern.fullmatch(name)
+    return match["step"] if match else None
+
+
+def _delete(path: str, why: str) -> str | None:
+    """Delete one old backup; the path, or None when it could not be deleted."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return None  # someone removed it by hand meanwhile: it is gone, as intended
+    except OSError as error:
+        logger.warning("Could not delete old backup %s (%s): %s; the migration goes on",
+                       path, why, error)
+        return None
+    logger.info("Deleted old backup %s (%s)", path, why)
+    return path

@@ -267,3 +267,29 @@ def test_an_undeletable_old_backup_is_a_warning_and_the_migration_goes_on(
         assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [("0003",)]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("keep", [0, 3])
+def test_a_failing_step_retried_keeps_one_backup_of_it_when_backups_are_bounded(
+    project: Project, keep: int
+) -> None:
+    """Eight workers against a revision that fails, twice over (a crash-looping deploy):
+    every run of the step backs up first. With backup_keep each newer backup of that step
+    replaces the older ones, so the retries do not push the other steps' backups out;
+    backup_keep = 0 deletes nothing, ever."""
+    from conftest import run_together
+
+    assert alembic_sqlite_lock.upgrade(project.ini, "0007", backup_dir="backups")
+    project.add_revision("0009", "0008", 'raise RuntimeError("0009 is broken")')
+    folder = project.root / "backups"
+    for _ in range(2):
+        results = run_together(
+            [["alembic", "-c", str(project.ini), "-x", "lock_backup_dir=backups",
+              "-x", f"lock_backup_keep={keep}", "upgrade", "head"]] * 8, cwd=project.root)
+        assert all(r.returncode != 0 for r in results)
+        assert all("0009 is broken" in r.stdout for r in results)
+    retries = 16 if keep == 0 else 1
+    assert ours(folder) == ["0007-to-0009"] * retries + ["base-to-0007"]
+    for backup in (p for p in folder.iterdir() if ".0007-to-0009." in p.name):
+        assert revision_in(backup) == ["0007"]
+    assert project.version() == ["0007"]

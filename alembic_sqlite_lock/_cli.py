@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -208,9 +209,14 @@ def _add_settings(parser: argparse.ArgumentParser, prefix: str) -> None:
             metavar = "SECONDS"
         group.add_argument(
             f"--{name}", dest=f"{prefix}setting_{name}", default=None, metavar=metavar,
-            help=f"{_scaffold.SETTING_HELP.get(name, name)} "
-                 f"(default: {defaults.get(name) or 'off'})",
+            help=_flag_help(name, defaults.get(name)),
         )
+
+
+def _flag_help(name: str, default: object) -> str:
+    text = _scaffold.SETTING_HELP.get(name, name)
+    # A help text that names its own default ("(default: derived)") keeps it.
+    return text if "(default:" in text else f"{text} (default: {default or 'off'})"
 
 
 def _add_write_options(parser: argparse.ArgumentParser) -> None:
@@ -285,9 +291,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
         print(f"Created {path}{os.sep if path.is_dir() else ''}")
     # With --url the database is chosen already: no need to send the user to edit it.
     first = f"edit sqlalchemy.url in {config}, " if args.url == _scaffold.DEFAULT_URL else ""
+    shown = shlex.quote(config)  # the commands below are to be pasted into a shell
     print(f"Next: {first}write a migration with "
-          f"`alembic -c {config} revision -m \"...\"`, then run "
-          f"`{PROG} -c {config} upgrade`.")
+          f"`alembic -c {shown} revision -m \"...\"`, then run "
+          f"`{PROG} -c {shown} upgrade`.")
     return EXIT_OK
 
 

@@ -145,7 +145,8 @@ def format_text(report: StatusReport) -> str:
     if report.backup_dir is None:
         lines.append("Backups:    off (set backup_dir to turn them on)")
     else:
-        lines.append(f"Backups:    {len(report.backups)} in {report.backup_dir}")
+        missing = "" if os.path.isdir(report.backup_dir) else " (no such folder yet)"
+        lines.append(f"Backups:    {len(report.backups)} in {report.backup_dir}{missing}")
         for backup in report.backups:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(backup.created))
             lines.append(f"  {created}  {backup.size_bytes:>12,d} B  "

@@ -147,6 +147,12 @@ def test_init_writes_percent_signs_of_a_path_or_url_literally(tmp_path: Path) ->
     assert (tmp_path / "50%off.db").exists()
 
 
+def test_init_next_hint_quotes_a_path_with_spaces(tmp_path: Path) -> None:
+    result = cli("init", "db", "-c", "my conf.ini", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "`alembic-sqlite-lock -c 'my conf.ini' upgrade`" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [

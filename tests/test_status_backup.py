@@ -180,3 +180,9 @@ def test_the_listing_holds_only_this_databases_backups_oldest_by_the_time_in_the
 
     assert listed == [ours[0], ours[1], ours[3], ours[2], ours[4], ours[5]]
     assert _backup.listing(str(tmp_path / "missing"), db) == []
+
+
+def test_status_says_when_the_backup_folder_does_not_exist_yet(project: Project) -> None:
+    text = cli(project, "status", "--backup_dir", "nothere").stdout
+    assert f"Backups:    0 in {project.root / 'nothere'} (no such folder yet)\n" in text
+    assert not (project.root / "nothere").exists()

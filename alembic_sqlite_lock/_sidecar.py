@@ -34,7 +34,11 @@ class Sidecar:
     def _no_run_going(self) -> bool:
         """The run lock proves that nobody migrates now: a record is left over then, on
         whichever host it names (a holder removes its record before it lets go)."""
-        return run_lock_held(lock_path_for(self.database_path)) is False
+        try:
+            return run_lock_held(lock_path_for(self.database_path)) is False
+        except OSError as error:  # cannot tell: believe the record, as before
+            logger.debug("Cannot probe the run lock: %s", error)
+            return False
 
     def holder_alive(self) -> bool:
         """The recorded holder provably runs on this host and migrates now (for

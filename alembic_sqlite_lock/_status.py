@@ -34,6 +34,7 @@ LOCKED_FOR_WRITING = (
     "transaction holds it exclusively, or is committing); see Migration below"
 )
 
+
 @dataclass
 class StatusReport:
     database: str

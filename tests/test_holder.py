@@ -208,14 +208,16 @@ def test_a_long_wait_says_so_at_info_and_names_the_holder(
     """With the default settings the retry lines of the first attempts are DEBUG, and an
     attempt blocks up to busy_timeout_s: a wait that lasts says so at INFO anyway."""
     caplog.set_level(logging.INFO, logger="alembic_sqlite_lock")
+    # The margin over FIRST_NOTICE_S is for a slow look on a loaded machine.
     with pytest.raises(alembic_sqlite_lock.LockTimeout):
-        alembic_sqlite_lock.upgrade(project.ini, deadline_s=FIRST_NOTICE_S + 1)
+        alembic_sqlite_lock.upgrade(project.ini, deadline_s=FIRST_NOTICE_S + 8)
     notices = [r for r in caplog.records
                if r.getMessage().startswith("Still waiting for the migration lock on ")]
-    assert len(notices) == 1, [r.getMessage() for r in caplog.records]
-    assert notices[0].levelno == logging.INFO
-    assert f"(held by pid {slow_holder.pid} on {socket.gethostname()}, 0008 -> 0009, " \
-        in notices[0].getMessage()
+    assert notices, [r.getMessage() for r in caplog.records]
+    for notice in notices:
+        assert notice.levelno == logging.INFO
+        assert f"(held by pid {slow_holder.pid} on {socket.gethostname()}, 0008 -> 0009, " \
+            in notice.getMessage()
 
 
 def test_read_only_commands_never_queue_for_a_database_locked_exclusively(
@@ -249,7 +251,7 @@ def test_read_only_commands_never_queue_for_a_database_locked_exclusively(
     waited = re.search(r"Could not take the migration lock on \S+ after \d+ attempts? over "
                        r"([\d.]+)s", upgrade.stderr)
     assert waited, upgrade.stderr
-    assert float(waited.group(1)) < 5  # the deadline, not the look's 30 s busy timeout
+    assert float(waited.group(1)) < 10  # about the 1 s deadline, not the look's 30 s
     assert "Applying migration" not in upgrade.stderr
 
 

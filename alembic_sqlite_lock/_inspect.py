@@ -43,9 +43,12 @@ def read_state(config: ConfigLike, **settings: Any) -> DatabaseState:
     seen: dict[str, Any] = {}
 
     def look(heads: tuple[str, ...], context: MigrationContext) -> Iterable[Any]:
+        connection = context.connection
         seen["heads"] = tuple(heads)
-        seen["path"] = _sqlite.database_path(context.connection) if context.connection else ""
-        seen["url"] = describe_url(context.connection.engine.url) if context.connection else url
+        if connection is not None:
+            seen["url"] = describe_url(connection.engine.url)
+            if connection.dialect.name == "sqlite":  # a server database has no file
+                seen["path"] = _sqlite.database_path(connection)
         return []
 
     _run(cfg, script, look, dict(settings), dont_mutate=True)

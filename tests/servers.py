@@ -7,6 +7,7 @@ missing server is a failure: CI must never pass by skipping them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -126,3 +127,30 @@ def add_sleeping_revision(project: Project, rev: str, down: str, sleep_sql: str)
         f'op.create_table("t{rev}", sa.Column("id", sa.Integer, primary_key=True))',
         header=SLEEPING_REVISION_HEADER,
     )
+
+
+def check_status_and_current(project: ServerProject) -> None:
+    """`status` (text and JSON) and `current` of our CLI on a server database, before
+    and after the upgrade: the revisions, nothing about files, and never a password."""
+    cli = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
+
+    def run(*args: str) -> str:
+        result = subprocess.run([cli, "-c", str(project.ini), *args], cwd=project.root,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        password = sa.make_url(project.url).password
+        assert not password or str(password) not in result.stdout + result.stderr
+        return result.stdout
+
+    assert run("current") == "base (no revision)\n"
+    report = json.loads(run("status", "--json"))
+    assert (report["current"], report["heads"]) == ([], ["0008"])
+    assert report["pending"] == ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
+    assert report["database_path"] == ""
+    assert report["backups"] == []
+    assert subprocess.run([cli, "-c", str(project.ini), "upgrade"], cwd=project.root,
+                          capture_output=True, text=True, timeout=120, check=False
+                          ).returncode == 0
+    assert run("current") == "0008 (head)\n"
+    assert "Pending:    none, up to date" in run("status")
+    assert json.loads(run("status", "--json"))["up_to_date"] is True

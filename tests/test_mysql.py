@@ -23,6 +23,7 @@ from servers import (
     admin_engine,
     alembic_popen,
     applied_lines,
+    check_status_and_current,
     server_project,
     unique,
     wait_until,
@@ -226,3 +227,7 @@ def test_password_never_shows(tmp_path: Path, admin: sa.Engine, database: str) -
     finally:
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP USER IF EXISTS '{user}'@'%%'")
+
+
+def test_status_and_current_of_our_cli(my_project: ServerProject) -> None:
+    check_status_and_current(my_project)

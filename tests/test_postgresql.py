@@ -21,6 +21,7 @@ from servers import (
     admin_engine,
     alembic_popen,
     applied_lines,
+    check_status_and_current,
     server_project,
     unique,
     wait_until,
@@ -239,3 +240,7 @@ def test_password_never_shows(tmp_path: Path, admin: sa.Engine) -> None:
     finally:
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_status_and_current_of_our_cli(pg_project: ServerProject) -> None:
+    check_status_and_current(pg_project)

@@ -13,6 +13,7 @@ made, how the lock is taken and released, and what a failure leaves behind:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -153,8 +154,9 @@ def describe_url(url: Any) -> str:
     """A URL fit for logs and errors: the password is never shown."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except exc.ArgumentError:
-        return "<unparseable URL>"
+    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        # As written, with whatever stands between "user:" and "@" masked.
+        return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(url)) or "<empty URL>"
 
 
 SUPPORTED = "sqlite, postgresql, mysql and mariadb"

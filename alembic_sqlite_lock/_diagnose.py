@@ -55,7 +55,7 @@ def database_file(url: str) -> str:
     """The database's file path from a SQLite URL, absolute; "" for in-memory."""
     try:
         database = make_url(url).database or ""
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):
         return ""
     if database.startswith("file:"):  # a SQLite URI filename: file:path?mode=...
         database = database[len("file:"):].partition("?")[0]
@@ -246,8 +246,18 @@ def _os_errno(error: BaseException) -> int | None:
 def bad_url(shown: str, error: Exception, ini: str | None) -> ConfigurationError:
     """sqlalchemy.url cannot be parsed or is not a valid SQLite URL."""
     reason = str(error).splitlines()[0].rstrip(".")
+    where = ini or "the Alembic configuration"
+    if shown.startswith(("postgres", "mysql", "mariadb")):
+        msg = (
+            f"sqlalchemy.url in {where} is not a valid database URL ({shown}): {reason}. "
+            "Use postgresql://user:password@host:5432/dbname or "
+            "mysql://user:password@host:3306/dbname (a port is a number; a special "
+            "character in the password is %-encoded, and written %% in alembic.ini). "
+            "Nothing was run."
+        )
+        return ConfigurationError(msg)
     msg = (
-        f"sqlalchemy.url in {ini or 'the Alembic configuration'} is not a valid SQLite URL "
+        f"sqlalchemy.url in {where} is not a valid SQLite URL "
         f"({shown}): {reason}. Use sqlite:///relative/path.db, sqlite:////absolute/path.db, "
         "or sqlite:///%(here)s/app.db for a file beside alembic.ini. Nothing was run."
     )

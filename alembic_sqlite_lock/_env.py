@@ -167,7 +167,7 @@ class _OnlineRun:
                 options=self.options,
                 where=f"the [{config.config_ini_section}] section of {config.config_file_name}",
             )
-        except exc.ArgumentError as error:
+        except (exc.ArgumentError, ValueError) as error:  # ValueError: a bad port number
             shown = describe_url(section.get("sqlalchemy.url", ""))
             raise _diagnose.bad_url(shown, error, config.config_file_name) from error
         try:

@@ -86,6 +86,16 @@ def test_invalid_url_is_a_configuration_error(project: Project, url: str) -> Non
     assert "pw" not in message
 
 
+def test_a_server_url_with_a_bad_port_is_a_configuration_error(project: Project) -> None:
+    set_url(project, "postgresql://u:s3cret@127.0.0.1:54x2/db")
+    message = assert_failed_cleanly(
+        project.alembic("upgrade", "head"),
+        "is not a valid database URL (postgresql://u:***@127.0.0.1:54x2/db)",
+        "a port is a number",
+    )
+    assert "s3cret" not in message
+
+
 def test_unknown_revision(project: Project) -> None:
     assert project.alembic("upgrade", "0004").returncode == 0
     before = snapshot(project.root)

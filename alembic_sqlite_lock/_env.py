@@ -387,11 +387,32 @@ class _OnlineRun:
             # transaction first and begin a new one after: let it see ours. The lock
             # that outlives the transaction keeps other workers out during the block.
             migration_context._transaction = connection.get_transaction()
+        elif not source.run_long_lock:
+            # Alembic would fail on a bare assertion; say why and what to do instead.
+            migration_context.autocommit_block = _autocommit_refused(  # type: ignore[method-assign]
+                source.url
+            )
         self.env.run_migrations()
         source.before_commit(connection)
         before_commit()
         if connection.in_transaction():
             connection.commit()
+
+
+def _autocommit_refused(url: str) -> Callable[[], Any]:
+    def autocommit_block() -> Any:
+        msg = (
+            "A migration uses autocommit_block(), which commits in the middle of the run, "
+            f"but the migration lock on {url} ends with a transaction here (lock_scope = "
+            "transaction on PostgreSQL, for a transaction pooler; or SQLite without a run "
+            "lock file: an in-memory database, or a system without flock), so other "
+            "workers could start migrating at that commit. The run was rolled back; "
+            "nothing was migrated. Use lock_scope = session on a direct or session-pooled "
+            "connection, or move those statements out of autocommit_block()."
+        )
+        raise ConfigurationError(msg)
+
+    return autocommit_block
 
 
 def _watch_pragmas(connection: Connection, progress: Progress) -> Any:

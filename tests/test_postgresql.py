@@ -244,3 +244,30 @@ def test_password_never_shows(tmp_path: Path, admin: sa.Engine) -> None:
 
 def test_status_and_current_of_our_cli(pg_project: ServerProject) -> None:
     check_status_and_current(pg_project)
+
+
+AUTOCOMMIT_INDEX = """\
+with op.get_context().autocommit_block():
+    op.execute("CREATE INDEX CONCURRENTLY ix_users_email_9 ON users (email)")
+"""
+
+
+@pytest.mark.parametrize("scope", ["session", "transaction"])
+def test_autocommit_block_needs_a_session_scoped_lock(
+    pg_project: ServerProject, scope: str
+) -> None:
+    """CREATE INDEX CONCURRENTLY cannot run in a transaction: autocommit_block() commits
+    midway. A session-scoped lock outlives that commit; a transaction-scoped one would not,
+    so that run is refused with the way out, and rolled back."""
+    assert pg_project.alembic("upgrade", "0008").returncode == 0
+    pg_project.add_revision("0009", "0008", AUTOCOMMIT_INDEX)
+    result = pg_project.alembic("-x", f"lock_scope={scope}", "upgrade", "head")
+    if scope == "session":
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert pg_project.version() == ["0009"]
+        return
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "uses autocommit_block()" in result.stdout, result.stdout
+    assert "Use lock_scope = session" in result.stdout
+    assert pg_project.version() == ["0008"]

@@ -128,7 +128,24 @@ def begin_write(connection: Connection, busy_timeout_s: float, *, owned: bool) -
     except (exc.OperationalError, sqlite3.OperationalError) as error:
         if is_busy(error):
             raise LockBusy(str(error)) from error
+        if not owned and "within a transaction" in str(error):
+            _dbapi(connection).rollback()  # our BEGIN IMMEDIATE: nothing ran in it
+            raise _own_begin_listener(connection) from error
         raise
+
+
+def _own_begin_listener(connection: Connection) -> ConfigurationError:
+    """A handed-in connection whose engine emits BEGIN itself (a ``begin`` listener)."""
+    msg = (
+        "The connection handed in through config.attributes['connection'] for "
+        f"{describe_url(connection.engine.url)} comes from an engine that emits its own "
+        "BEGIN when a transaction starts (a 'begin' event listener, as in SQLAlchemy's "
+        "pysqlite recipe), so the migration cannot start the BEGIN IMMEDIATE that takes "
+        "the lock. Nothing was migrated. Hand in a connection of an engine without that "
+        "listener (create_engine(url); engine.connect()), or hand in none and let the "
+        "library open its own."
+    )
+    return ConfigurationError(msg)
 
 
 _FOREIGN_KEYS_PRAGMA = re.compile(r"^\s*PRAGMA\s+(?:\w+\.)?foreign_keys\s*=", re.IGNORECASE)

@@ -339,6 +339,39 @@ def test_handed_in_connection_inside_a_transaction_is_refused(
     assert project.tables() == set()
 
 
+def test_handed_in_connection_whose_engine_emits_its_own_begin_is_refused(
+    project: Project,
+) -> None:
+    """SQLAlchemy's pysqlite recipe (driver autocommit, BEGIN from a 'begin' listener)
+    would start a second transaction after the lock's BEGIN IMMEDIATE: refused with the
+    cause, nothing migrated, the connection left usable."""
+    from alembic.config import Config
+
+    engine = sa.create_engine(f"sqlite:///{project.db}")
+
+    @sa.event.listens_for(engine, "connect")
+    def _autocommit(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+    config = Config(str(project.ini))
+    project.env_py.write_text(MINIMAL_ENV_PY)
+    try:
+        with engine.connect() as connection:
+            config.attributes["connection"] = connection
+            with pytest.raises(ConfigurationError, match="emits its own BEGIN") as caught:
+                alembic_sqlite_lock.upgrade(config)
+            assert str(project.db) in str(caught.value)
+            assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        engine.dispose()
+    assert project.version() == []
+    assert project.tables() == set()
+
+
 # Not a supported database -----------------------------------------------------------
 
 

@@ -218,6 +218,12 @@ def open_backend(
         from . import _mysql
 
         return _mysql.MySQLBackend(section, options)
+    if name == "postgres":  # the spelling Heroku and others hand out
+        msg = (
+            f"{shown}: SQLAlchemy does not know the postgres:// scheme (it was dropped in "
+            "SQLAlchemy 1.4). Write postgresql:// instead in sqlalchemy.url."
+        )
+        raise ConfigurationError(msg)
     msg = (
         f"alembic-sqlite-lock migrates {SUPPORTED} databases, and {shown} is none of "
         "them. Point sqlalchemy.url at a supported database, or use Alembic's stock "

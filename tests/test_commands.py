@@ -397,6 +397,14 @@ def test_unsupported_url_is_refused_without_showing_the_password(project: Projec
     assert not project.db.exists()
 
 
+def test_the_old_postgres_scheme_gets_the_new_spelling(project: Project) -> None:
+    project.ini.write_text(project.ini.read_text().replace(
+        "sqlalchemy.url = sqlite:///%(here)s/app.db", "sqlalchemy.url = postgres://u:secret@h/db"))
+    with pytest.raises(ConfigurationError, match="Write postgresql:// instead") as caught:
+        alembic_sqlite_lock.upgrade(project.ini)
+    assert "secret" not in str(caught.value)
+
+
 # downgrade() and stamp() -------------------------------------------------------------
 
 

@@ -60,9 +60,25 @@ def migration_url(url: str | URL) -> URL:
     so migrating the same file through pysqlite is equivalent and keeps this code sync.
     """
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.get_driver_name() != "pysqlite":
-        parsed = parsed.set(drivername="sqlite")
-    return parsed
+    if parsed.get_backend_name() != "sqlite" or parsed.get_driver_name() == "pysqlite":
+        return parsed
+    if parsed.get_driver_name() not in SAME_FILE_DRIVERS:
+        # pysqlcipher and the like: through sqlite3 an encrypted file is unreadable, and
+        # a missing one would be created unencrypted.
+        msg = (
+            f"{describe_url(parsed)} uses the {parsed.get_driver_name()} driver; the "
+            "migration lock works through the standard sqlite3 module, which opens "
+            "plain SQLite files only (an encrypted one would be unreadable, and a new one "
+            "would be created unencrypted). Nothing was migrated. Use sqlite:// or "
+            "sqlite+aiosqlite:// URLs with alembic-sqlite-lock, or Alembic's stock env.py "
+            "for this database."
+        )
+        raise ConfigurationError(msg)
+    return parsed.set(drivername="sqlite")
+
+
+SAME_FILE_DRIVERS = ("aiosqlite",)
+"""SQLite drivers whose files pysqlite reads and writes just the same."""
 
 
 def create_engine(section: Mapping[str, str]) -> Engine:

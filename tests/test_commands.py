@@ -405,6 +405,17 @@ def test_the_old_postgres_scheme_gets_the_new_spelling(project: Project) -> None
     assert "secret" not in str(caught.value)
 
 
+def test_an_encrypted_sqlite_driver_is_refused_and_nothing_is_created(project: Project) -> None:
+    """Migrating through sqlite3 would create the missing file unencrypted."""
+    project.ini.write_text(project.ini.read_text().replace(
+        "sqlalchemy.url = sqlite:///%(here)s/app.db",
+        "sqlalchemy.url = sqlite+pysqlcipher://:s3cret@/%(here)s/app.db"))
+    with pytest.raises(ConfigurationError, match="uses the pysqlcipher driver") as caught:
+        alembic_sqlite_lock.upgrade(project.ini)
+    assert "s3cret" not in str(caught.value)
+    assert not project.db.exists()
+
+
 # downgrade() and stamp() -------------------------------------------------------------
 
 

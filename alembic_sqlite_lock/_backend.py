@@ -184,6 +184,14 @@ def open_backend(
     was handed in); ``where`` names it for the error when the URL is missing.
     """
     if handed_in is not None:
+        if not isinstance(handed_in, Connection):
+            msg = (
+                "config.attributes['connection'] must be a SQLAlchemy Connection "
+                f"(with engine.connect() as connection: ...), not {type(handed_in).__name__}. "
+                "Hand in engine.connect()'s connection, or none and let the run open its "
+                "own from sqlalchemy.url."
+            )
+            raise ConfigurationError(msg)
         raw_url: Any = handed_in.engine.url
     else:
         raw_url = (section or {}).get("sqlalchemy.url")

@@ -165,7 +165,8 @@ class _OnlineRun:
                 section=section,
                 handed_in=config.attributes.get("connection"),
                 options=self.options,
-                where=f"the [{config.config_ini_section}] section of {config.config_file_name}",
+                where=f"the [{config.config_ini_section}] section of "
+                f"{config.config_file_name or 'the Alembic configuration (no file)'}",
             )
         except (exc.ArgumentError, ValueError) as error:  # ValueError: a bad port number
             shown = describe_url(section.get("sqlalchemy.url", ""))

@@ -372,6 +372,26 @@ def test_handed_in_connection_whose_engine_emits_its_own_begin_is_refused(
     assert project.tables() == set()
 
 
+@pytest.mark.parametrize("kind", ["engine", "sqlite3"])
+def test_handing_in_something_other_than_a_connection_is_refused(
+    project: Project, kind: str
+) -> None:
+    from alembic.config import Config
+
+    engine = sa.create_engine(f"sqlite:///{project.db}")
+    raw = sqlite3.connect(project.db)
+    config = Config(str(project.ini))
+    project.env_py.write_text(MINIMAL_ENV_PY)
+    config.attributes["connection"] = engine if kind == "engine" else raw
+    try:
+        with pytest.raises(ConfigurationError, match="must be a SQLAlchemy Connection"):
+            alembic_sqlite_lock.upgrade(config)
+    finally:
+        raw.close()
+        engine.dispose()
+    assert project.tables() == set()
+
+
 # Not a supported database -----------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ DEMO_REVISIONS = ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"
 CHEAP_LOOK = 'SELECT version_num FROM "main"."alembic_version"'
 """The library's own read of the version, in a statement trace (traced_connect)."""
 
+
 def waiting_for_lock_waiters(lock_file: Path | str, others: int, at_most_s: float) -> str:
     """Revision code that holds the revision until ``others`` other processes have
     ``lock_file`` (the run lock beside the database) open, at most ``at_most_s``: each of

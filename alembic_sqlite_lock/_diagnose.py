@@ -26,6 +26,7 @@ from alembic.util import CommandError
 from sqlalchemy import exc
 from sqlalchemy.engine import make_url
 
+from ._backend import describe_url
 from ._errors import (
     ConfigurationError,
     DatabaseUnusable,
@@ -310,11 +311,11 @@ def revision_guard(fn: Any, script: ScriptDirectory, *, allow_unknown: bool) -> 
 def _shown_url(context: Any) -> str:
     connection = getattr(context, "connection", None)
     if connection is not None:
-        return connection.engine.url.render_as_string(hide_password=True)  # type: ignore[no-any-return]
+        return describe_url(connection.engine.url)
     # No connection yet: a target resolved before a new database file is created.
     env = getattr(context, "environment_context", None)
     url = env.config.get_main_option("sqlalchemy.url") if env is not None else None
-    return make_url(url).render_as_string(hide_password=True) if url else "the database"
+    return describe_url(url) if url else "the database"
 
 
 def _unknown_revisions(script: ScriptDirectory, heads: Iterable[str]) -> list[str]:

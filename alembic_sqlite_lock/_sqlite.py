@@ -267,12 +267,11 @@ def plain_database_file(url: str) -> str | None:
         parsed = make_url(url)
     except Exception:
         return None
-    database = parsed.database or ""
-    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+    if parsed.get_backend_name() != "sqlite":
         return None
-    if database.startswith("file:") or parsed.query.get("uri"):
+    if (parsed.database or "").startswith("file:") or parsed.query.get("uri"):
         return None
-    return os.path.abspath(database)
+    return _diagnose.database_file(url) or None  # "": in-memory
 
 
 def missing_database_file(url: str) -> str | None:

@@ -47,6 +47,8 @@ class Backup:
     size_bytes: int
     created: float
     """Modification time of the file (seconds since the epoch)."""
+    step: str
+    """``<from>-to-<to>`` from the name, e.g. ``0007-to-0008``."""
 
 
 def backup_directory(setting: str, database_path: str) -> str | None:
@@ -132,7 +134,7 @@ def listing(directory: str | None, database_path: str) -> list[Backup]:
         except FileNotFoundError:
             continue  # deleted while we looked
         key = (match["stamp"], info.st_mtime_ns, int(match["n"] or 1), entry.name)
-        found.append((key, Backup(entry.path, info.st_size, info.st_mtime)))
+        found.append((key, Backup(entry.path, info.st_size, info.st_mtime, match["step"])))
     return [backup for _, backup in sorted(found, key=lambda pair: pair[0])]
 
 
@@ -159,22 +161,15 @@ def prune(directory: str, database_path: str, keep: int, written: str) -> list[s
         logger.warning("Could not list old backups in %s to keep %d: %s",
                        directory, keep, error)
         return []
-    pattern = name_pattern(database_path)
     just_written = os.path.basename(written)
-    step = _step(pattern, just_written)
+    step = next((b.step for b in backups if os.path.basename(b.path) == just_written), None)
     older = [b for b in backups if os.path.basename(b.path) != just_written]
-    same_step = [b for b in older if _step(pattern, os.path.basename(b.path)) == step]
-    deleted = [path for b in same_step
+    deleted = [path for b in older if b.step == step
                if (path := _delete(b.path, f"backup_keep = {keep}, a newer backup of {step}"))]
-    older = [b for b in older if b not in same_step]
+    older = [b for b in older if b.step != step]
     deleted += [path for b in older[: max(0, len(older) - (keep - 1))]
                 if (path := _delete(b.path, f"backup_keep = {keep}"))]
     return deleted
-
-
-def _step(pattern: re.Pattern[str], name: str) -> str | None:
-    match = pattern.fullmatch(name)
-    return match["step"] if match else None
 
 
 def _delete(path: str, why: str) -> str | None:

@@ -26,6 +26,7 @@ class Sidecar:
     def __init__(self, config: Config, database_path: str | None) -> None:
         self.database_path = database_path or ""
         self.record_path = _holder.record_path_for(self.database_path)
+        self.lock_path = lock_path_for(self.database_path)
         settings = resolve_settings(config)
         self.backup_dir = _backup.backup_directory(settings.backup_dir, self.database_path)
         self.backup_keep = settings.backup_keep
@@ -35,7 +36,7 @@ class Sidecar:
         """The run lock proves that nobody migrates now: a record is left over then, on
         whichever host it names (a holder removes its record before it lets go)."""
         try:
-            return run_lock_held(lock_path_for(self.database_path)) is False
+            return run_lock_held(self.lock_path) is False
         except OSError as error:  # cannot tell: believe the record, as before
             logger.debug("Cannot probe the run lock: %s", error)
             return False

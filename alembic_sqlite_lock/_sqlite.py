@@ -53,6 +53,10 @@ def is_busy(error: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text
 
 
+SAME_FILE_DRIVERS = ("aiosqlite",)
+"""SQLite drivers whose files pysqlite reads and writes just the same."""
+
+
 def migration_url(url: str | URL) -> URL:
     """The URL we migrate through: always the synchronous pysqlite driver.
 
@@ -75,10 +79,6 @@ def migration_url(url: str | URL) -> URL:
         )
         raise ConfigurationError(msg)
     return parsed.set(drivername="sqlite")
-
-
-SAME_FILE_DRIVERS = ("aiosqlite",)
-"""SQLite drivers whose files pysqlite reads and writes just the same."""
 
 
 def create_engine(section: Mapping[str, str]) -> Engine:

@@ -42,12 +42,13 @@ class Sidecar:
             return False
 
     def holder_alive(self) -> bool:
-        """The recorded holder provably runs on this host and migrates now (for
-        wait_while_holder_alive)."""
+        """The recorded holder provably runs on this host and holds the run lock now (for
+        wait_while_holder_alive: a record, even one that names a live process, is not
+        enough to wait past the deadline; see ``_holder.provably_alive``)."""
         if self.record_path is None or self._no_run_going():
             return False
         holder = _holder.read(self.record_path)
-        return holder is not None and _holder.provably_alive(holder)
+        return holder is not None and _holder.provably_alive(holder, self.lock_path)
 
     def running_target(self) -> list[str] | None:
         """Where the recorded holder's run will leave the version table, if a record of a

@@ -24,8 +24,10 @@ from ._aio import upgrade_async
 from ._commands import downgrade, stamp, upgrade
 from ._env import run_migrations
 from ._errors import (
+    BackupFailed,
     ConfigurationError,
     DatabaseUnusable,
+    LockFileUnusable,
     LockTimeout,
     MigrationError,
     MigrationLockError,
@@ -38,8 +40,10 @@ from ._retry import RetryPolicy
 from ._version import __version__
 
 __all__ = [
+    "BackupFailed",
     "ConfigurationError",
     "DatabaseUnusable",
+    "LockFileUnusable",
     "LockTimeout",
     "MigrationError",
     "MigrationLockError",

@@ -35,6 +35,18 @@ class ConfigurationError(MigrationLockError):
     """A setting, alembic.ini or env.py is wrong; nothing was run."""
 
 
+class LockFileUnusable(ConfigurationError):
+    """The run lock file beside a SQLite database cannot be locked (a symlink, FIFO or
+    folder at its name, or a file this user may not open), and the run needs a lock that
+    outlives a transaction (``autocommit_block()``, ``transaction_per_migration``);
+    nothing was migrated. A run in one transaction goes on without it, with a warning."""
+
+    def __init__(self, message: str, *, url: str, path: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.path = path
+
+
 class LockTimeout(MigrationLockError):
     """The migration lock could not be taken before the attempts or the deadline ran out."""
 
@@ -83,12 +95,28 @@ def busy_reading(url: str, waited_s: float) -> LockTimeout:
 
 
 def lock_timeout(
-    url: str, attempts: int, waited_s: float, causes: str | None = None
+    url: str,
+    attempts: int,
+    waited_s: float,
+    causes: str | None = None,
+    lock_file: str | None = None,
 ) -> LockTimeout:
+    """``lock_file``: the run lock file, when that is what the last attempt waited on."""
     head = (
         f"Could not take the migration lock on {url} after {attempts} attempt"
         f"{'s' if attempts != 1 else ''} over {waited_s:.1f}s: "
     )
+    if lock_file is not None and causes is None:
+        msg = (
+            f"{head}another process held the run lock file {lock_file} the whole time. "
+            "Likely causes: another worker is stuck in a migration (check its logs), or "
+            "a process that is no migration holds it: any user who can read that file can "
+            f"hold its lock. `fuser -v {lock_file}` or `lsof {lock_file}` shows who has "
+            "it open; stop that process, and let only the database's owner read the file. "
+            "If a migration legitimately takes longer, raise deadline_s (`-x "
+            "lock_deadline_s=600`, or the [alembic_sqlite_lock] section of alembic.ini)."
+        )
+        return LockTimeout(msg, url=url, attempts=attempts, waited_s=waited_s)
     if causes is not None:
         msg = (
             f"{head}{causes} If a migration legitimately takes longer, raise deadline_s "
@@ -116,6 +144,15 @@ class DatabaseUnusable(MigrationLockError):
         super().__init__(message)
         self.url = url
         self.path = path
+
+
+class BackupFailed(MigrationLockError):
+    """The opt-in backup (``backup_dir``) could not be written; nothing was migrated."""
+
+    def __init__(self, message: str, *, database_path: str, backup_dir: str) -> None:
+        super().__init__(message)
+        self.database_path = database_path
+        self.backup_dir = backup_dir
 
 
 class UnknownRevision(MigrationLockError):

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import unquote_plus
 
-from sqlalchemy import exc
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from ._errors import ConfigurationError
 from ._retry import RetryPolicy
@@ -98,6 +98,12 @@ class Backend(Protocol):
         """Checks that must pass before the run commits (raise to roll back)."""
         ...
 
+    def check_midway(self) -> None:
+        """Around a commit in the middle of a run (an autocommit block, between the
+        revisions of transaction_per_migration): raise if the lock that outlives the
+        transaction is no longer this run's, so that the run stops there."""
+        ...
+
     def release(self, connection: Connection) -> None:
         """Release the lock and the connection; called after COMMIT or ROLLBACK."""
         ...
@@ -125,6 +131,9 @@ class ServerBackend:
     def is_busy(self, error: BaseException) -> bool:
         return False  # reading the version table never waits on a migration there
 
+    def check_midway(self) -> None:
+        pass  # the server's session lock cannot be taken away by a file operation
+
     def wait_for_running(
         self, timeout_s: float, while_waiting: Callable[[], None] | None = None
     ) -> bool:
@@ -150,13 +159,66 @@ class RunOptions:
     version_table_schema: str | None
 
 
+MASK = "***"
+"""What a password or a secret query value is shown as."""
+
+_SECRET_NAME = re.compile(
+    r"pass(?:word|wd|phrase)|^pass$|pwd|secret|token|credential", re.IGNORECASE
+)
+"""Query parameter names whose values are secrets: libpq's password and sslpassword,
+asyncpg's password, PyMySQL's and mysqlclient's passwd and password, and any name that
+says secret, token or credential. A path to a secret (passfile, sslkey) is not one."""
+
+# name=value in a URL's query. A value runs to the next "&name=": a password holding
+# a bare "&" (which SQLAlchemy would split) is masked whole rather than half shown.
+_QUERY_PARAM = re.compile(r"(?P<lead>[?&])(?P<name>[^=&?]+)=(?P<value>.*?)(?=&[^&=]*=|$)", re.S)
+# name=value in a libpq keyword/value string ("host=db password='a b'"), pasted as a URL.
+_KEYWORD_PARAM = re.compile(
+    r"(?P<lead>^|\s)(?P<name>[\w.-]+)(?P<eq>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'?|\S*)"
+)
+
+
 def describe_url(url: Any) -> str:
-    """A URL fit for logs and errors: the password is never shown."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
-        # As written, with whatever stands between "user:" and "@" masked.
-        return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", str(url)) or "<empty URL>"
+    """A URL fit for logs and errors: no password, no secret query value is shown.
+
+    Masked on the text as written, parsed or not: SQLAlchemy's own parse ends the
+    password at its first "@", and then shows the rest of a password holding a bare
+    "@" as the host. Here the userinfo ends at the last "@" (a password may hold "@",
+    "/", ":", "?" and "#"), so a URL with an "@" further on is masked too widely, never
+    too narrowly. A URL object is rendered by SQLAlchemy first, which %-encodes them.
+    """
+    if isinstance(url, URL):
+        text = url.render_as_string(hide_password=True)
+    else:
+        text = "" if url is None else str(url)
+    return _mask_secret_params(_mask_userinfo(text)) or "<empty URL>"
+
+
+def _mask_userinfo(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if not sep:  # no scheme: "user:password@host/db" is still a password
+        scheme, rest = "", text
+    at = rest.rfind("@")
+    if at < 0:
+        # No "@": "user:password" with "@host" forgotten reads as host:port. A port is a
+        # number; anything else after the colon may be a password.
+        forgot = sep and re.match(r"([^/?:\[\]]*):([^/?]+)", rest)
+        if not forgot or forgot[2].isdigit():
+            return text
+        return f"{scheme}{sep}{forgot[1]}:{MASK}{rest[forgot.end():]}"
+    user, colon, _password = rest[:at].partition(":")
+    if not colon:
+        return text
+    return f"{scheme}{sep}{user}:{MASK}{rest[at:]}"
+
+
+def _mask_secret_params(text: str) -> str:
+    def masked(match: re.Match[str]) -> str:
+        if not _SECRET_NAME.search(unquote_plus(match["name"])):
+            return match[0]
+        return match[0][: match.start("value") - match.start()] + MASK
+
+    return _KEYWORD_PARAM.sub(masked, _QUERY_PARAM.sub(masked, text))
 
 
 SUPPORTED = "sqlite, postgresql, mysql and mariadb"
@@ -202,7 +264,13 @@ def open_backend(
             )
             raise ConfigurationError(msg)
     shown = describe_url(raw_url)
-    name = make_url(raw_url).get_backend_name()  # ArgumentError: the caller explains it
+    parsed = make_url(raw_url)  # ArgumentError, ValueError: the caller explains them
+    if parsed.password is not None and "@" in f"{parsed.host}{parsed.database}":
+        # SQLAlchemy ended the password at its first "@" and took the rest for the host
+        # (or the database): the connection error would name it, password and all.
+        msg = 'the password holds an "@" that is not %-encoded (write it as %40)'
+        raise ValueError(msg)
+    name = parsed.get_backend_name()
     if name == "sqlite":
         from . import _sqlite
 

@@ -247,6 +247,10 @@ def _os_errno(error: BaseException) -> int | None:
 def bad_url(shown: str, error: Exception, ini: str | None) -> ConfigurationError:
     """sqlalchemy.url cannot be parsed or is not a valid SQLite URL."""
     reason = str(error).splitlines()[0].rstrip(".")
+    if reason.startswith("invalid literal for int()"):
+        # Not the literal itself: in "user:password" with the "@host" forgotten,
+        # SQLAlchemy takes the password for the port.
+        reason = "the port is not a number"
     where = ini or "the Alembic configuration"
     if shown.startswith(("postgres", "mysql", "mariadb")):
         msg = (

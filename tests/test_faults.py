@@ -99,7 +99,7 @@ def test_sigterm_rolls_back_and_exits_non_zero(project: Project, hanging: Path) 
     finally:
         kill(holder)
     assert holder.returncode == EXIT_CODE
-    assert "SIGTERM received during the migration run: rolling back" in err
+    assert "SIGTERM received during the migration run: rolled back; the database is at 0008" in err
     assert "Traceback" not in out + err
     # Rolled back by the process itself: no hot journal left for the next worker.
     assert not Path(str(project.db) + "-journal").exists()

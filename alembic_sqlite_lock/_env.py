@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +47,7 @@ from ._progress import (
 from ._retry import RetryPolicy, acquire
 from ._settings import Settings, resolve_settings
 from ._sidecar import Sidecar
-from ._signals import terminate_as_exit
+from ._signals import Termination, terminate_as_exit
 from ._targets import pin_relative_target
 
 __all__ = ["STATE_KEY", "RunState", "describe_url", "run_migrations"]
@@ -156,6 +157,8 @@ class _OnlineRun:
         # upgrade, downgrade and stamp name a destination; current, check and
         # autogenerate do not, and get no "nothing to do" line.
         self.migrates = "destination_rev" in env.context_opts
+        self.stop = Termination()
+        """What a SIGTERM during the locked run finds (replaced by the one that listens)."""
 
     def run(self) -> None:
         config = self.env.config
@@ -170,7 +173,9 @@ class _OnlineRun:
             )
         except (exc.ArgumentError, ValueError) as error:  # ValueError: a bad port number
             shown = describe_url(section.get("sqlalchemy.url", ""))
-            raise _diagnose.bad_url(shown, error, config.config_file_name) from error
+            # Not chained: the message says all, and int()'s would quote the "port", a
+            # password when "user:password" lost its "@host" (shown by --verbose).
+            raise _diagnose.bad_url(shown, error, config.config_file_name) from None
         try:
             started = time.monotonic()
             if self.migrates and config.attributes.get("connection") is None:
@@ -199,7 +204,7 @@ class _OnlineRun:
                 if waited and not self.work_certain and self._finished_after_wait(source):
                     return
             # SIGTERM (a CLI run stopped by its supervisor) rolls the run back.
-            with terminate_as_exit():
+            with terminate_as_exit() as self.stop:
                 self._run_locked(source, sidecar, saw_work=not purge, started=started)
         finally:
             source.close()
@@ -334,6 +339,8 @@ class _OnlineRun:
             migrates=self.migrates,
             saw_work=saw_work,
             on_steps=sidecar.starting,
+            # Between revisions that commit on their own, the run lock keeps others out.
+            between_steps=source.check_midway if per_migration else None,
         )
         try:
             try:
@@ -359,6 +366,9 @@ class _OnlineRun:
                 if not source.transactional:
                     # Each finished revision committed on its own there: it is applied.
                     self.state.applied.extend(log_applied(progress))
+                if self.stop.received:  # the exit line says where the stop left the database
+                    heads_after = _heads_after_rollback(self.env, connection)
+                    self.stop.heads = None if heads_after is None else revisions(heads_after)
                 if isinstance(error, Exception) and not isinstance(error, MigrationLockError):
                     heads_now = _heads_after_rollback(self.env, connection)
                     raise migration_error(
@@ -388,20 +398,55 @@ class _OnlineRun:
             # transaction first and begin a new one after: let it see ours. The lock
             # that outlives the transaction keeps other workers out during the block.
             migration_context._transaction = connection.get_transaction()
+            migration_context.autocommit_block = _checked_autocommit(  # type: ignore[method-assign]
+                migration_context.autocommit_block, source
+            )
         elif not source.run_long_lock:
             # Alembic would fail on a bare assertion; say why and what to do instead.
             migration_context.autocommit_block = _autocommit_refused(  # type: ignore[method-assign]
-                source.url
+                source
             )
         self.env.run_migrations()
         source.before_commit(connection)
         before_commit()
-        if connection.in_transaction():
-            connection.commit()
+        # A SIGTERM during the COMMIT waits for it: then the run knows which side of it
+        # the stop landed on ("rolled back" or "already committed").
+        with self.stop.held():
+            if connection.in_transaction():
+                connection.commit()
+            self.stop.committed = True
 
 
-def _autocommit_refused(url: str) -> Callable[[], Any]:
+def _checked_autocommit(
+    autocommit_block: Callable[[], Any], source: Backend
+) -> Callable[[], Any]:
+    """Alembic's autocommit_block(), with the run's lock checked before the block commits
+    the run so far and again after it: only that lock keeps other workers out there."""
+
+    @contextmanager
+    def checked() -> Iterator[None]:
+        source.check_midway()
+        with autocommit_block():
+            yield
+        source.check_midway()
+
+    return checked
+
+
+def _autocommit_refused(source: Backend) -> Callable[[], Any]:
+    url = source.url
+    # A SQLite run lock file that is there but cannot be locked: say which, and the fix.
+    unusable = source.run_lock_problem if isinstance(source, _sqlite._Source) else None
+
     def autocommit_block() -> Any:
+        if unusable is not None:
+            raise _sqlite.lock_file_refused(
+                url, unusable,
+                "a migration uses autocommit_block(), which commits in the middle of the "
+                "run, and only the run lock keeps other workers from starting to migrate "
+                "at that commit",
+                "The run was rolled back; nothing was migrated.",
+            )
         msg = (
             "A migration uses autocommit_block(), which commits in the middle of the run, "
             f"but the migration lock on {url} ends with a transaction here (lock_scope = "

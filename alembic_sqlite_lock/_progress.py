@@ -34,10 +34,12 @@ def logging_steps(
     migrates: bool,
     saw_work: bool,
     on_steps: Callable[[tuple[str, ...], list[Any]], None] | None = None,
+    between_steps: Callable[[], None] | None = None,
 ) -> StepsFn:
     """Wrap a command's work function: log each step before Alembic runs it.
 
-    ``on_steps(heads, steps)`` runs once the steps are known, before the first one.
+    ``on_steps(heads, steps)`` runs once the steps are known, before the first one;
+    ``between_steps()`` before each later one (after the previous one was written).
     """
 
     def steps(heads: tuple[str, ...], context: MigrationContext) -> Iterator[Any]:
@@ -50,7 +52,9 @@ def logging_steps(
                 logger.info("All migrations already applied by another worker")
             else:
                 logger.info("Database already at %s, nothing to do", revisions(heads))
-        for step in pending:
+        for number, step in enumerate(pending):
+            if number and between_steps is not None:
+                between_steps()
             progress.running = step
             logger.info("%s: %s", verb(step, done=False), describe(step))
             yield step  # Alembic runs the step and writes the version before resuming us

@@ -23,7 +23,12 @@ T = TypeVar("T")
 
 
 class LockBusy(Exception):
-    """Raised by a lock attempt when another connection holds the lock (internal)."""
+    """Raised by a lock attempt when another connection holds the lock (internal).
+    ``lock_file``: the run lock file, when that is the lock another process kept."""
+
+    def __init__(self, message: str, *, lock_file: str | None = None) -> None:
+        super().__init__(message)
+        self.lock_file = lock_file
 
 
 class _Uniform(Protocol):
@@ -125,8 +130,8 @@ def acquire(
         timeout = policy.busy_timeout_s if extended else policy.busy_timeout_for(remaining)
         try:
             return try_lock(timeout)
-        except LockBusy:
-            pass
+        except LockBusy as busy:
+            lock_file = busy.lock_file  # the last attempt's says what to look at
         remaining = policy.deadline_s - (clock() - start)
         holder = describe_holder() if describe_holder is not None else ""
         if attempt >= policy.max_attempts or remaining <= 0:
@@ -143,7 +148,7 @@ def acquire(
                 # Each attempt blocks up to busy_timeout_s; never spin when that is ~0.
                 sleep(max(0.0, 1.0 - policy.busy_timeout_s))
                 continue
-            error = lock_timeout(url, attempt, clock() - start, causes)
+            error = lock_timeout(url, attempt, clock() - start, causes, lock_file)
             if holder:
                 error.holder = holder.strip(" ()")
                 error.args = (f"{error.args[0]} The lock is {error.holder}.",)

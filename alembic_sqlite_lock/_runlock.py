@@ -17,6 +17,12 @@ file when *any* descriptor of that file is closed, which would release SQLite's 
 ``flock`` locks belong to one open file description, so they are unaffected by that and
 by SQLite's own locking; the kernel releases them when the process dies.
 
+The file is opened through ``_sidefile`` (no symlink followed, no FIFO blocked on; created
+with the database's owner and mode). A file that is there but cannot be locked (a
+symlink, a FIFO or a folder at its name, or one this user may not open) makes an attempt
+raise :class:`Unusable`, never pass as held: the caller decides (a run in one transaction
+is safe under SQLite's write lock alone; one that commits midway is refused).
+
 Supported: Linux, macOS and other POSIX systems with ``fcntl.flock``. Elsewhere (Windows)
 the run lock is skipped and SQLite's write lock alone serializes runs; waiters then hand
 off at the pace of SQLite's busy handler.
@@ -24,12 +30,15 @@ off at the pace of SQLite's busy handler.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+
+from . import _sidefile
 
 try:
     import fcntl
@@ -46,6 +55,17 @@ NOTICE_EVERY_S = 15.0
 """...and again this often while it lasts."""
 
 
+class Unusable(Exception):
+    """The lock file cannot be locked at all (internal): ``problem`` completes "The run
+    lock file <path> ...", ``fix`` says what to do about it."""
+
+    def __init__(self, path: str, problem: str, fix: str) -> None:
+        super().__init__(f"{path} {problem}")
+        self.path = path
+        self.problem = problem
+        self.fix = fix
+
+
 def lock_path_for(database_path: str) -> str | None:
     """The lock file for a database file; None for in-memory and temporary databases."""
     if not database_path or fcntl is None:
@@ -58,13 +78,12 @@ def run_lock_held(lock_path: str | None) -> bool | None:
     if lock_path is None or fcntl is None:
         return None
     try:
-        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = _sidefile.open_existing(lock_path)  # a FIFO there would block a plain open
     except FileNotFoundError:
         return False  # no run ever took it
-    except OSError as error:
-        if error.errno in (errno.EACCES, errno.EPERM):
-            return None
-        raise
+    except OSError as error:  # unreadable, or not a regular file: no run can lock it
+        logger.debug("Cannot probe the run lock: %s", error)
+        return None
     try:
         # LOCK_SH: it conflicts with a holder's LOCK_EX just the same, and a worker that
         # tries in this instant is woken by the kernel as soon as the descriptor closes.
@@ -76,6 +95,22 @@ def run_lock_held(lock_path: str | None) -> bool | None:
     return False
 
 
+def run_lock_problem(lock_path: str | None) -> str | None:
+    """Why :func:`run_lock_held` cannot tell, when the lock file is to blame: "the run
+    lock file <path> is a FIFO", say (None: it can tell, or the system cannot)."""
+    if lock_path is None or fcntl is None:
+        return None
+    try:
+        os.close(_sidefile.open_existing(lock_path))
+    except FileNotFoundError:
+        return None
+    except _sidefile.UnsafeSideFile as error:
+        return f"the run lock file {lock_path} {error.what}"
+    except OSError as error:
+        return f"the run lock file {lock_path} cannot be opened ({error.strerror})"
+    return None
+
+
 class RunLock:
     """An exclusive ``flock`` on the lock file, taken with a timeout."""
 
@@ -85,7 +120,8 @@ class RunLock:
 
     @property
     def usable(self) -> bool:
-        """Whether this lock can really exclude others (POSIX, a file-backed database)."""
+        """Whether this database can have a run lock at all (POSIX, a file-backed
+        database). Whether its file can really be locked shows when :meth:`acquire` tries."""
         return self.path is not None
 
     @property
@@ -99,7 +135,10 @@ class RunLock:
         shared: bool = False,
         still_waiting: Callable[[], None] | None = None,
     ) -> bool:
-        """Take the lock within ``timeout_s``; False if another process kept it.
+        """Take the lock within ``timeout_s``: True when held, False if another process
+        kept it. Raises :class:`Unusable` (at once, never blocking) when the file cannot
+        be locked. Without a lock file (not :attr:`usable`) it returns True, holding
+        nothing: SQLite's lock alone serializes such runs.
 
         ``shared``: many holders at once, none while a run holds it exclusively; waiters
         use it to wait for a run to end and then all look at the result in parallel.
@@ -107,14 +146,34 @@ class RunLock:
         NOTICE_EVERY_S: a long wait says so, a short one stays quiet.
         """
         assert self._fd is None, "RunLock is not reentrant"
-        fd = self._open()
-        if fd is None:
-            return True  # no usable lock file: SQLite's lock alone serializes the run
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-        if _try_flock(fd, mode) or _flock_waiting(fd, timeout_s, mode, still_waiting):
-            self._fd = fd
+        if self.path is None:
             return True
-        return False
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        give_up_at = time.monotonic() + timeout_s
+        while True:
+            fd = self._open()
+            if not (
+                _try_flock(fd, mode)
+                or _flock_waiting(fd, give_up_at - time.monotonic(), mode, still_waiting)
+            ):
+                return False
+            # A lock on a file that was unlinked or replaced while we waited excludes
+            # nobody who opens the path now: take the one at the path instead. Two
+            # system calls, no sleep: the hand-off after a COMMIT stays prompt.
+            if _sidefile.same_file(fd, self.path):
+                self._fd = fd
+                return True
+            os.close(fd)
+            logger.debug("%s was replaced while this worker waited for it; trying again",
+                         self.path)
+            if time.monotonic() >= give_up_at:
+                return False
+
+    def intact(self) -> bool:
+        """The file at the path is still the one this lock holds (see :meth:`acquire`)."""
+        return self._fd is not None and self.path is not None and _sidefile.same_file(
+            self._fd, self.path
+        )
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -124,17 +183,91 @@ class RunLock:
             # keep running this process through its teardown first (about 1-2 ms).
             os.sched_yield()
 
-    def _open(self) -> int | None:
-        if self.path is None:
-            return None
-        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+    def _open(self) -> int:
+        """A descriptor of the lock file, created (the database's owner and mode) when
+        missing, read-only when this user may not write it: flock needs only a read
+        descriptor. Raises :class:`Unusable`."""
+        path = self.path
+        assert path is not None
+        try:
             try:
-                return os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o666)
-            except OSError as error:
-                if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
-                    raise
-        logger.debug("Cannot open %s; relying on SQLite's lock alone", self.path)
-        return None
+                return _sidefile.open_existing(path, os.O_RDWR)  # the usual case: one call
+            except FileNotFoundError:
+                database = path[: -len(SUFFIX)] if path.endswith(SUFFIX) else path
+                fd, created = _sidefile.open_or_create(path, _sidefile.Owner.of(database))
+                if created:
+                    logger.debug("Created the run lock file %s", path)
+                return fd
+        except _sidefile.UnsafeSideFile as error:
+            raise _unsafe(path, error) from error
+        except OSError as error:
+            if error.errno not in _TRY_READ_ONLY:
+                raise _unopenable(path, error) from error
+            refused = error
+        try:
+            return _sidefile.open_existing(path, os.O_RDONLY)
+        except _sidefile.UnsafeSideFile as error:  # a folder: O_RDWR said EISDIR
+            raise _unsafe(path, error) from error
+        except FileNotFoundError as error:
+            raise _uncreatable(path, refused) from error
+        except OSError as error:
+            raise _unopenable(path, error) from error
+
+
+_TRY_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ETXTBSY)
+"""Errors of a read-write open after which a read-only one may still work."""
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):  # pragma: no cover - not POSIX, or no passwd entry
+        return f"uid {os.geteuid()}"
+
+
+def _like_the_database(path: str) -> str:
+    """The shell command that gives ``path`` the database's owner and mode."""
+    database = path[: -len(SUFFIX)] if path.endswith(SUFFIX) else path
+    return f"chown --reference={database} {path} && chmod --reference={database} {path}"
+
+
+def _unsafe(path: str, error: _sidefile.UnsafeSideFile) -> Unusable:
+    fix = (
+        "The library only ever creates a regular file there, so someone or something "
+        f"else put this in its place: look at it (`ls -l {path}`), remove it while no "
+        f"migration runs (`rm {path}`; the next run creates the lock file again, with the "
+        "database's owner and mode), and check who else may write to "
+        f"{os.path.dirname(path) or '.'}."
+    )
+    return Unusable(path, error.what, fix)
+
+
+def _uncreatable(path: str, error: OSError) -> Unusable:
+    folder = os.path.dirname(path) or "."
+    problem = (f"does not exist and user {_user()} cannot create it in {folder} "
+               f"({error.strerror})")
+    fix = (
+        f"Create it once as a user who may, with the database's owner and mode (`touch "
+        f"{path} && {_like_the_database(path)}`), or let user {_user()} write {folder}."
+    )
+    return Unusable(path, problem, fix)
+
+
+def _unopenable(path: str, error: OSError) -> Unusable:
+    problem = f"cannot be opened by user {_user()} ({error.strerror}"
+    try:
+        info = os.lstat(path)
+        problem += f"; it belongs to uid {info.st_uid} with mode {info.st_mode & 0o7777:04o}"
+    except OSError:
+        pass
+    fix = (
+        f"Give it the database's owner and mode (`{_like_the_database(path)}`), or remove "
+        "it while no migration runs (the next run creates it again with the database's "
+        "owner and mode)."
+    )
+    return Unusable(path, problem + ")", fix)
 
 
 def _try_flock(fd: int, mode: int) -> bool:
@@ -145,6 +278,25 @@ def _try_flock(fd: int, mode: int) -> bool:
     return True
 
 
+_waiting_fds: set[int] = set()
+"""Descriptors that a waiting thread blocks on (abandoned ones too) until it hands them
+over or closes them. A process forked meanwhile (gunicorn --preload, after a master caught
+LockTimeout) gets copies that share their open file description: when the parent's thread
+then gets the lock and closes its copy, the child's copy would keep the lock held for the
+child's lifetime, and no thread in the child would ever close it."""
+
+
+def _close_waiting_fds_in_child() -> None:
+    for fd in list(_waiting_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _waiting_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_waiting_fds_in_child)
+
+
 def _flock_waiting(
     fd: int, timeout_s: float, mode: int, still_waiting: Callable[[], None] | None = None
 ) -> bool:
@@ -153,6 +305,7 @@ def _flock_waiting(
     ``flock`` has no timeout, so a daemon thread blocks in it while this thread waits
     on an Event. On time-out the thread is abandoned: it takes ownership of ``fd`` and
     closes it (releasing the lock at once) when its ``flock`` finally returns.
+    Always takes ownership of ``fd``: on False it is closed, or will be.
     """
     if timeout_s <= 0:
         os.close(fd)
@@ -164,11 +317,13 @@ def _flock_waiting(
     def wait() -> None:
         fcntl.flock(fd, mode)
         with guard:
+            _waiting_fds.discard(fd)  # first: once closed, the number may be reused
             if abandoned:
                 os.close(fd)
             else:
                 got_it.set()
 
+    _waiting_fds.add(fd)
     threading.Thread(target=wait, name="alembic-sqlite-lock-wait", daemon=True).start()
     started = time.monotonic()
     give_up_at, notice_at = started + timeout_s, started + FIRST_NOTICE_S

@@ -28,9 +28,9 @@ from sqlalchemy.pool import NullPool
 
 from . import _diagnose
 from ._backend import describe_url
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, LockFileUnusable
 from ._retry import LockBusy, RetryPolicy
-from ._runlock import RunLock, lock_path_for
+from ._runlock import RunLock, Unusable, lock_path_for
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,10 @@ class _Source:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
         self.database_path: str | None = None  # as SQLite resolved it, for the run lock
-        self._run_lock: RunLock | None = None
+        self._run_lock: RunLock | None = None  # only while really held
+        self.run_lock_problem: Unusable | None = None
+        """Why the last attempt could not lock the run lock file (None: it could)."""
+        self._warned_unusable = False
         self.still_waiting: Callable[[], None] | None = None
 
     def is_busy(self, error: BaseException) -> bool:
@@ -329,7 +332,11 @@ class _Source:
 
     @property
     def run_long_lock(self) -> bool:
-        return RunLock(self._lock_path()).usable
+        """After a lock attempt: this run really holds the run lock. Before one: it can
+        (a database file, flock, no attempt found the lock file unusable)."""
+        if self._run_lock is not None:
+            return self._run_lock.held
+        return RunLock(self._lock_path()).usable and self.run_lock_problem is None
 
     def wait_for_running(
         self, timeout_s: float, while_waiting: Callable[[], None] | None = None
@@ -342,8 +349,12 @@ class _Source:
         if path is None or not os.path.exists(path):
             return False  # no run ever started here (and a look creates nothing on disk)
         run_lock = RunLock(path)
-        if run_lock.acquire(0, shared=True):  # nobody is migrating right now
-            run_lock.release()
+        try:
+            if run_lock.acquire(0, shared=True):  # nobody is migrating right now
+                run_lock.release()
+                return False
+        except Unusable as unusable:  # no run can hold it: nothing to wait for
+            logger.debug("Not waiting on the run lock: %s", unusable)
             return False
         # Open the connection for the next steps now, while waiting costs nothing: then
         # the look after the wait and the first lock attempt find it ready (no open,
@@ -351,8 +362,12 @@ class _Source:
         self._open_spare()
         if while_waiting is not None:
             while_waiting()
-        if not run_lock.acquire(max(0.0, give_up_at - time.monotonic()), shared=True,
-                                still_waiting=self.still_waiting):
+        try:
+            if not run_lock.acquire(max(0.0, give_up_at - time.monotonic()), shared=True,
+                                    still_waiting=self.still_waiting):
+                return False
+        except Unusable as unusable:  # replaced meanwhile by something unlockable
+            logger.debug("Not waiting on the run lock: %s", unusable)
             return False
         run_lock.release()
         return True
@@ -386,16 +401,71 @@ class _Source:
         _diagnose.check_writable(self.database_path or "", self.url)
         run_lock = RunLock(lock_path)
         started = time.monotonic()
-        if not run_lock.acquire(timeout_s, still_waiting=self.still_waiting):
-            raise LockBusy(f"{run_lock.path} is held by another worker")
+        try:
+            held = run_lock.acquire(timeout_s, still_waiting=self.still_waiting)
+        except Unusable as unusable:
+            # begin=False is transaction_per_migration: it commits between revisions,
+            # where only the run lock would keep other workers out.
+            self._without_run_lock(unusable, needed=not begin)
+        else:
+            self.run_lock_problem = None
+            if not held:
+                msg = f"{run_lock.path} is held by another worker"
+                raise LockBusy(msg, lock_file=run_lock.path)
         try:
             left = max(0.0, timeout_s - (time.monotonic() - started))
             connection = self._begin(left, begin=begin)
         except BaseException:
             run_lock.release()
             raise
-        self._run_lock = run_lock
+        self._run_lock = run_lock if run_lock.held else None
         return connection
+
+    def check_midway(self) -> None:
+        """Someone who can write the database's folder can unlink or replace the run lock
+        file while this run holds it; a newcomer then locks the new file at once. Inside
+        one transaction SQLite's write lock still keeps it out, but not across a commit
+        in the middle of the run: stop there instead of going on side by side."""
+        run_lock = self._run_lock
+        if run_lock is None or run_lock.intact():
+            return
+        path = run_lock.path or ""
+        unusable = Unusable(
+            path,
+            "was removed or replaced while this run held it",
+            f"Only this library creates that file, and it never deletes it: find out who "
+            f"removes or replaces files in {os.path.dirname(path) or '.'} (only the users "
+            "who may write the database should be able to), then run again.",
+        )
+        raise lock_file_refused(
+            self.url, unusable,
+            "this run commits in the middle (autocommit_block() or "
+            "transaction_per_migration), and another worker could start migrating at "
+            "such a commit",
+            "The run stopped and was rolled back to its last commit.",
+        )
+
+    def _without_run_lock(self, unusable: Unusable, *, needed: bool) -> None:
+        """The run lock file cannot be locked: refuse a run that needs a lock outliving
+        its transactions; let one in a single transaction go on under SQLite's write
+        lock, which alone keeps other workers out until its COMMIT (warned once a run)."""
+        self.run_lock_problem = unusable
+        if needed:
+            raise lock_file_refused(
+                self.url, unusable,
+                "transaction_per_migration commits after each revision, and only the "
+                "run lock keeps other workers from starting to migrate at those commits",
+                "Nothing was migrated.",
+            )
+        if not self._warned_unusable:
+            self._warned_unusable = True
+            logger.warning(
+                "The run lock file %s %s, so this run cannot hold it; it goes on under "
+                "SQLite's write lock alone, which keeps other workers out as long as the "
+                "run is one transaction (a revision using autocommit_block() is refused). "
+                "%s",
+                unusable.path, unusable.problem, unusable.fix,
+            )
 
     def before_commit(self, connection: Connection) -> None:
         violations = foreign_key_violations(connection)
@@ -529,6 +599,17 @@ class HandedIn(_Source):
 
     def close(self) -> None:
         self._restore()
+
+
+def lock_file_refused(
+    url: str, unusable: Unusable, why_needed: str, outcome: str
+) -> LockFileUnusable:
+    """The error for a run that needs the run lock when its file cannot be locked."""
+    msg = (
+        f"The migration of {url} needs the run lock, but the run lock file "
+        f"{unusable.path} {unusable.problem}: {why_needed}. {outcome} {unusable.fix}"
+    )
+    return LockFileUnusable(msg, url=url, path=unusable.path)
 
 
 class ForeignKeyViolation(Exception):

@@ -22,7 +22,7 @@ from . import _backup, _holder, _sqlite
 from ._backend import describe_url
 from ._errors import LockTimeout
 from ._inspect import DatabaseState, read_state
-from ._runlock import lock_path_for, run_lock_held
+from ._runlock import lock_path_for, run_lock_held, run_lock_problem
 from ._settings import resolve_setting, resolve_settings
 
 STATUS_READ_WAIT_S = 1.0
@@ -52,6 +52,8 @@ class StatusReport:
     holder_stale: bool
     backup_dir: str | None
     backups: list[_backup.Backup] = field(default_factory=list)
+    lock_problem: str | None = None
+    """Why migration_running is None, when the run lock file is to blame."""
 
     @property
     def up_to_date(self) -> bool:
@@ -73,6 +75,7 @@ class StatusReport:
             "up_to_date": self.up_to_date,
             "problem": self.problem,
             "migration_running": self.migration_running,
+            "lock_problem": self.lock_problem,
             "holder": holder,
             "backup_dir": self.backup_dir,
             "backups": [
@@ -109,6 +112,8 @@ def gather(config: Config, **settings: Any) -> StatusReport:
     record_path = _holder.record_path_for(path)
     holder = _holder.read(record_path) if record_path else None
     backup_dir = _backup.backup_directory(resolve_setting(config, "backup_dir", settings), path)
+    lock_path = lock_path_for(path)
+    running = run_lock_held(lock_path)
     return StatusReport(
         database=state.url,
         database_path=path,
@@ -117,7 +122,8 @@ def gather(config: Config, **settings: Any) -> StatusReport:
         heads=heads,
         pending=pending,
         problem=problem,
-        migration_running=run_lock_held(lock_path_for(path)),
+        migration_running=running,
+        lock_problem=None if running is not None else run_lock_problem(lock_path),
         holder=holder,
         holder_stale=holder is not None and _holder.is_stale(holder),
         backup_dir=backup_dir,
@@ -147,6 +153,9 @@ def format_text(report: StatusReport) -> str:
         lines.append("Backups:    off (set backup_dir to turn them on)")
     else:
         missing = "" if os.path.isdir(report.backup_dir) else " (no such folder yet)"
+        problem = _backup.folder_problem(report.backup_dir, report.database_path)
+        if problem is not None:  # a link, another user's folder: its files are not listed
+            missing = f" (not listed: it {problem})"
         lines.append(f"Backups:    {len(report.backups)} in {report.backup_dir}{missing}")
         for backup in report.backups:
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(backup.created))
@@ -167,6 +176,8 @@ def _running_text(report: StatusReport) -> str:
     if holder is not None:
         kind = "stale" if report.holder_stale else "left over"
         return f"none running ({kind} holder record: {who}{since})"
+    if running is None and report.lock_problem is not None:
+        return f"cannot tell: {report.lock_problem}"
     if running is None:
         return "cannot tell on this system"
     return "none running"

@@ -32,8 +32,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, MetaData, String, Table, exc, select
 from sqlalchemy.engine import Connection
 
-from . import _diagnose, _sqlite
-from ._backend import Backend, RunOptions, describe_url, open_backend
+from . import _revisions
+from ._backends import Backend, RunOptions, bad_url, open_backend
+from ._backends._sqlite import _backend as _sqlite
+from ._backends._sqlite import _diagnose
+from ._backends._sqlite._sidecar import Sidecar
 from ._errors import ConfigurationError, MigrationLockError, RollbackFailed, busy_reading
 from ._progress import (
     Progress,
@@ -46,9 +49,9 @@ from ._progress import (
 )
 from ._retry import RetryPolicy, acquire
 from ._settings import Settings, resolve_settings
-from ._sidecar import Sidecar
 from ._signals import Termination, terminate_as_exit
 from ._targets import pin_relative_target
+from ._urls import describe_url
 
 __all__ = ["STATE_KEY", "RunState", "describe_url", "run_migrations"]
 
@@ -103,7 +106,7 @@ def run_migrations(
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
-            with _diagnose.guarding_revisions(env, settings.allow_unknown_revision):
+            with _revisions.guarding_revisions(env, settings.allow_unknown_revision):
                 _OnlineRun(env, kwargs, state, settings).run()
     finally:
         state.inside = False
@@ -175,7 +178,7 @@ class _OnlineRun:
             shown = describe_url(section.get("sqlalchemy.url", ""))
             # Not chained: the message says all, and int()'s would quote the "port", a
             # password when "user:password" lost its "@host" (shown by --verbose).
-            raise _diagnose.bad_url(shown, error, config.config_file_name) from None
+            raise bad_url(shown, error, config.config_file_name) from None
         try:
             started = time.monotonic()
             if self.migrates and config.attributes.get("connection") is None:

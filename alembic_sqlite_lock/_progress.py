@@ -9,8 +9,9 @@ from typing import Any
 
 from alembic.runtime.migration import MigrationContext, MigrationStep, RevisionStep
 
-from ._diagnose import migration_hint, one_line
+from ._backends._sqlite._diagnose import migration_hint
 from ._errors import MigrationError
+from ._revisions import one_line
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from conftest import Project, Unprivileged, make_project
 from faultkit import integrity, snapshot
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock import ConfigurationError, _cli
+from alembic_sqlite_lock import ConfigurationError
+from alembic_sqlite_lock._cli import _main as _cli
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 ONE_AT_A_TIME = ["0001", "0002", "0003", "0004"]

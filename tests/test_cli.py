@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import DEMO_REVISIONS, REPO, Project, held_flock, run_together
 
-from alembic_sqlite_lock import _cli
-from alembic_sqlite_lock._runlock import SUFFIX
+from alembic_sqlite_lock._backends._sqlite._runlock import SUFFIX
+from alembic_sqlite_lock._cli import _main as _cli
 from alembic_sqlite_lock._settings import NAMES
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))

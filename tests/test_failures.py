@@ -18,7 +18,7 @@ from conftest import DEMO_REVISIONS, Project
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import MigrationError
-from alembic_sqlite_lock._sqlite import READ_ONLY_OPTION
+from alembic_sqlite_lock._backends._sqlite._backend import READ_ONLY_OPTION
 
 # 0009 does real work (a table, a row) before it fails: a rollback must undo both.
 AUDIT_LOG = """\

@@ -25,7 +25,7 @@ from faultkit import (
     wait_for,
 )
 
-from alembic_sqlite_lock._runlock import SUFFIX
+from alembic_sqlite_lock._backends._sqlite._runlock import SUFFIX
 from alembic_sqlite_lock._signals import EXIT_CODE, terminate_as_exit
 
 

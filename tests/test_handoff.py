@@ -26,13 +26,13 @@ import pytest
 from conftest import CHEAP_LOOK, DEMO_REVISIONS, Project, traced_connect
 
 import alembic_sqlite_lock
+from alembic_sqlite_lock._backends._sqlite._backend import OwnEngine
 from alembic_sqlite_lock._retry import RetryPolicy
-from alembic_sqlite_lock._sqlite import OwnEngine
 
 # A holder that takes the lock for real and then waits, inside it, for the test's "go".
 HOLDER = textwrap.dedent("""
     import os, sys, time
-    from alembic_sqlite_lock import _sidecar
+    from alembic_sqlite_lock._backends._sqlite import _sidecar
     import alembic_sqlite_lock
 
     ini, target, held, go, record = sys.argv[1:]

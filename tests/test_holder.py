@@ -20,9 +20,9 @@ import pytest
 from conftest import Project
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock import _holder
-from alembic_sqlite_lock._holder import Holder
-from alembic_sqlite_lock._runlock import FIRST_NOTICE_S
+from alembic_sqlite_lock._backends._sqlite import _holder
+from alembic_sqlite_lock._backends._sqlite._holder import Holder
+from alembic_sqlite_lock._backends._sqlite._runlock import FIRST_NOTICE_S
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 

@@ -31,7 +31,7 @@ from servers import (
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import LockTimeout, MigrationError
-from alembic_sqlite_lock._mysql import lock_name
+from alembic_sqlite_lock._backends._mysql import lock_name
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from servers import (
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import LockTimeout, MigrationError
-from alembic_sqlite_lock._postgresql import key_for
+from alembic_sqlite_lock._backends._postgresql import key_for
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import Project, held_flock
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock._runlock import SUFFIX, RunLock, lock_path_for
+from alembic_sqlite_lock._backends._sqlite._runlock import SUFFIX, RunLock, lock_path_for
 
 
 def test_a_held_run_lock_makes_a_pending_upgrade_wait_then_time_out(project: Project) -> None:

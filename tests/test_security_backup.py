@@ -25,7 +25,8 @@ from conftest import Project, Unprivileged, make_project
 from faultkit import ALEMBIC, integrity
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock import BackupFailed, _backup
+from alembic_sqlite_lock import BackupFailed
+from alembic_sqlite_lock._backends._sqlite import _backup
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from conftest import Project, Unprivileged, held_flock, make_project
 
-from alembic_sqlite_lock import _holder
-from alembic_sqlite_lock._holder import Holder
+from alembic_sqlite_lock._backends._sqlite import _holder
+from alembic_sqlite_lock._backends._sqlite._holder import Holder
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 ALEMBIC = str(Path(sys.executable).with_name("alembic"))

@@ -26,7 +26,7 @@ from faultkit import ALEMBIC, has_open, schema, snapshot, start_cli, wait_for
 from test_alembic_features import env_with
 from test_permissions import assert_clean_failure
 
-from alembic_sqlite_lock._runlock import SUFFIX, RunLock, run_lock_held
+from alembic_sqlite_lock._backends._sqlite._runlock import SUFFIX, RunLock, run_lock_held
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 PYTHON = sys.executable
@@ -251,7 +251,7 @@ def test_root_creates_the_lock_file_with_the_database_owner_and_mode(
 
 WAITER = textwrap.dedent("""\
     import sys
-    from alembic_sqlite_lock._runlock import RunLock
+    from alembic_sqlite_lock._backends._sqlite._runlock import RunLock
     lock = RunLock(sys.argv[1])
     print("held" if lock.acquire(120) else "busy", flush=True)
     sys.stdin.read()  # keeps it until the test closes stdin

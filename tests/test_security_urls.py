@@ -21,7 +21,7 @@ from servers import MY_ADMIN, PG_ADMIN, admin_engine, server_project, unique
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import MigrationLockError
-from alembic_sqlite_lock._backend import describe_url
+from alembic_sqlite_lock._urls import describe_url
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 ALEMBIC = str(Path(sys.executable).with_name("alembic"))

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import LockTimeout, MigrationError
-from alembic_sqlite_lock._diagnose import filesystem_type, is_network_filesystem
+from alembic_sqlite_lock._backends._sqlite._diagnose import filesystem_type, is_network_filesystem
 from alembic_sqlite_lock._errors import lock_timeout
 
 
@@ -78,7 +78,7 @@ def test_filesystem_type_from_mountinfo(path: str, fstype: str, network: bool) -
 
 
 def test_network_filesystem_warning(caplog: pytest.LogCaptureFixture) -> None:
-    from alembic_sqlite_lock._diagnose import warn_about_setup
+    from alembic_sqlite_lock._backends._sqlite._diagnose import warn_about_setup
 
     caplog.set_level(logging.WARNING, logger="alembic_sqlite_lock")
     warn_about_setup("sqlite:////srv/nfs/app/app.db", "/srv/nfs/app/app.db", MOUNTINFO)

@@ -14,8 +14,9 @@ import pytest
 from conftest import Project
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock import _backup, _cli
-from alembic_sqlite_lock._runlock import SUFFIX, run_lock_held
+from alembic_sqlite_lock._backends._sqlite import _backup
+from alembic_sqlite_lock._backends._sqlite._runlock import SUFFIX, run_lock_held
+from alembic_sqlite_lock._cli import _main as _cli
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
 

@@ -21,10 +21,10 @@ from alembic.runtime.migration import MigrationContext
 from conftest import CHEAP_LOOK, DEMO_REVISIONS, Project, traced_connect
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock._backend import RunOptions
+from alembic_sqlite_lock._backends import RunOptions
+from alembic_sqlite_lock._backends._sqlite._backend import HandedIn
 from alembic_sqlite_lock._env import _OnlineRun
 from alembic_sqlite_lock._retry import RetryPolicy
-from alembic_sqlite_lock._sqlite import HandedIn
 
 
 def traced_upgrade(

@@ -37,9 +37,10 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from ._backend import RunOptions, ServerBackend, describe_url, missing_driver
-from ._errors import ConfigurationError
-from ._retry import LockBusy
+from .._errors import ConfigurationError
+from .._retry import LockBusy
+from .._urls import describe_url
+from ._base import RunOptions, ServerBackend, missing_driver, refuse_handed_in
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +241,13 @@ def _take(connection: Connection, key: int, timeout_s: float, *, session: bool) 
         raise
     # Back to the session's own lock_timeout for the migration's statements.
     connection.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": previous})
+
+
+def open_backend(
+    section: Mapping[str, str] | None, handed_in: Connection | None, options: RunOptions
+) -> PostgresBackend:
+    """This module's entry in the registry (``_backends.BACKENDS``)."""
+    if handed_in is not None:
+        raise refuse_handed_in(describe_url(handed_in.engine.url))
+    assert section is not None
+    return PostgresBackend(section, options)

@@ -27,9 +27,10 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from ._backend import RunOptions, ServerBackend, describe_url, missing_driver
-from ._errors import ConfigurationError, MigrationLockError
-from ._retry import LockBusy
+from .._errors import ConfigurationError, MigrationLockError
+from .._retry import LockBusy
+from .._urls import describe_url
+from ._base import RunOptions, ServerBackend, missing_driver, refuse_handed_in
 
 logger = logging.getLogger(__name__)
 
@@ -175,3 +176,13 @@ class MySQLBackend(ServerBackend):
             )
         finally:
             lock_connection.close()
+
+
+def open_backend(
+    section: Mapping[str, str] | None, handed_in: Connection | None, options: RunOptions
+) -> MySQLBackend:
+    """This module's entry in the registry (``_backends.BACKENDS``)."""
+    if handed_in is not None:
+        raise refuse_handed_in(describe_url(handed_in.engine.url))
+    assert section is not None
+    return MySQLBackend(section, options)

@@ -15,9 +15,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from . import _sqlite
-from ._commands import ConfigLike, _as_config, _run
-from ._env import describe_url
+from .._backends._sqlite import _backend as _sqlite
+from .._commands import ConfigLike, _as_config, _run
+from .._urls import describe_url
 
 
 @dataclass(frozen=True)

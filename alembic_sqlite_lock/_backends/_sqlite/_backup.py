@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ._errors import BackupFailed
+from ..._errors import BackupFailed
 from ._sidefile import (
     Owner,
     UnsafeSideFile,

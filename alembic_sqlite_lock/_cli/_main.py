@@ -26,8 +26,8 @@ from typing import Any
 from alembic.config import Config
 from alembic.util import CommandError
 
-from . import _commands, _scaffold
-from ._errors import (
+from .. import _commands
+from .._errors import (
     ConfigurationError,
     LockTimeout,
     MigrationError,
@@ -36,9 +36,10 @@ from ._errors import (
     UnknownDatabaseRevision,
     UnknownRevision,
 )
-from ._settings import NAMES, X_PREFIX, convert
-from ._settings import SECTION as SETTINGS_SECTION
-from ._version import __version__
+from .._settings import NAMES, X_PREFIX, convert
+from .._settings import SECTION as SETTINGS_SECTION
+from .._version import __version__
+from . import _init as _scaffold
 
 PROG = "alembic-sqlite-lock"
 

@@ -26,10 +26,10 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
+from ..._errors import ConfigurationError, LockFileUnusable
+from ..._retry import LockBusy, RetryPolicy
+from ..._urls import describe_url
 from . import _diagnose
-from ._backend import describe_url
-from ._errors import ConfigurationError, LockFileUnusable
-from ._retry import LockBusy, RetryPolicy
 from ._runlock import RunLock, Unusable, lock_path_for
 
 logger = logging.getLogger(__name__)

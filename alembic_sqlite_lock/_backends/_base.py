@@ -13,17 +13,16 @@ made, how the lock is taken and released, and what a failure leaves behind:
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
-from urllib.parse import unquote_plus
+from typing import Protocol
 
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine
 
-from ._errors import ConfigurationError
-from ._retry import RetryPolicy
+from .._errors import ConfigurationError
+from .._retry import RetryPolicy
+from .._urls import describe_url
 
 
 class Backend(Protocol):
@@ -159,71 +158,6 @@ class RunOptions:
     version_table_schema: str | None
 
 
-MASK = "***"
-"""What a password or a secret query value is shown as."""
-
-_SECRET_NAME = re.compile(
-    r"pass(?:word|wd|phrase)|^pass$|pwd|secret|token|credential", re.IGNORECASE
-)
-"""Query parameter names whose values are secrets: libpq's password and sslpassword,
-asyncpg's password, PyMySQL's and mysqlclient's passwd and password, and any name that
-says secret, token or credential. A path to a secret (passfile, sslkey) is not one."""
-
-# name=value in a URL's query. A value runs to the next "&name=": a password holding
-# a bare "&" (which SQLAlchemy would split) is masked whole rather than half shown.
-_QUERY_PARAM = re.compile(r"(?P<lead>[?&])(?P<name>[^=&?]+)=(?P<value>.*?)(?=&[^&=]*=|$)", re.S)
-# name=value in a libpq keyword/value string ("host=db password='a b'"), pasted as a URL.
-_KEYWORD_PARAM = re.compile(
-    r"(?P<lead>^|\s)(?P<name>[\w.-]+)(?P<eq>\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'?|\S*)"
-)
-
-
-def describe_url(url: Any) -> str:
-    """A URL fit for logs and errors: no password, no secret query value is shown.
-
-    Masked on the text as written, parsed or not: SQLAlchemy's own parse ends the
-    password at its first "@", and then shows the rest of a password holding a bare
-    "@" as the host. Here the userinfo ends at the last "@" (a password may hold "@",
-    "/", ":", "?" and "#"), so a URL with an "@" further on is masked too widely, never
-    too narrowly. A URL object is rendered by SQLAlchemy first, which %-encodes them.
-    """
-    if isinstance(url, URL):
-        text = url.render_as_string(hide_password=True)
-    else:
-        text = "" if url is None else str(url)
-    return _mask_secret_params(_mask_userinfo(text)) or "<empty URL>"
-
-
-def _mask_userinfo(text: str) -> str:
-    scheme, sep, rest = text.partition("://")
-    if not sep:  # no scheme: "user:password@host/db" is still a password
-        scheme, rest = "", text
-    at = rest.rfind("@")
-    if at < 0:
-        # No "@": "user:password" with "@host" forgotten reads as host:port. A port is a
-        # number; anything else after the colon may be a password.
-        forgot = sep and re.match(r"([^/?:\[\]]*):([^/?]+)", rest)
-        if not forgot or forgot[2].isdigit():
-            return text
-        return f"{scheme}{sep}{forgot[1]}:{MASK}{rest[forgot.end():]}"
-    user, colon, _password = rest[:at].partition(":")
-    if not colon:
-        return text
-    return f"{scheme}{sep}{user}:{MASK}{rest[at:]}"
-
-
-def _mask_secret_params(text: str) -> str:
-    def masked(match: re.Match[str]) -> str:
-        if not _SECRET_NAME.search(unquote_plus(match["name"])):
-            return match[0]
-        return match[0][: match.start("value") - match.start()] + MASK
-
-    return _KEYWORD_PARAM.sub(masked, _QUERY_PARAM.sub(masked, text))
-
-
-SUPPORTED = "sqlite, postgresql, mysql and mariadb"
-
-
 def missing_driver(url: str, error: ImportError, extra: str) -> ConfigurationError:
     """The error for a server URL whose driver is not installed."""
     msg = (
@@ -233,76 +167,11 @@ def missing_driver(url: str, error: ImportError, extra: str) -> ConfigurationErr
     return ConfigurationError(msg)
 
 
-def open_backend(
-    *,
-    section: Mapping[str, str] | None,
-    handed_in: Connection | None,
-    options: RunOptions,
-    where: str,
-) -> Backend:
-    """The backend for the run's database.
-
-    ``section`` is the alembic.ini section with ``sqlalchemy.url`` (when no connection
-    was handed in); ``where`` names it for the error when the URL is missing.
-    """
-    if handed_in is not None:
-        if not isinstance(handed_in, Connection):
-            msg = (
-                "config.attributes['connection'] must be a SQLAlchemy Connection "
-                f"(with engine.connect() as connection: ...), not {type(handed_in).__name__}. "
-                "Hand in engine.connect()'s connection, or none and let the run open its "
-                "own from sqlalchemy.url."
-            )
-            raise ConfigurationError(msg)
-        raw_url: Any = handed_in.engine.url
-    else:
-        raw_url = (section or {}).get("sqlalchemy.url")
-        if not raw_url:
-            msg = (
-                f"No sqlalchemy.url in {where}. Set it to the database to migrate, for "
-                "example sqlalchemy.url = sqlite:///%(here)s/app.db"
-            )
-            raise ConfigurationError(msg)
-    shown = describe_url(raw_url)
-    parsed = make_url(raw_url)  # ArgumentError, ValueError: the caller explains them
-    if parsed.password is not None and "@" in f"{parsed.host}{parsed.database}":
-        # SQLAlchemy ended the password at its first "@" and took the rest for the host
-        # (or the database): the connection error would name it, password and all.
-        msg = 'the password holds an "@" that is not %-encoded (write it as %40)'
-        raise ValueError(msg)
-    name = parsed.get_backend_name()
-    if name == "sqlite":
-        from . import _sqlite
-
-        if handed_in is not None:
-            return _sqlite.HandedIn(handed_in, options.policy)
-        assert section is not None
-        return _sqlite.OwnEngine(section, options.policy)
-    if name in ("postgresql", "mysql", "mariadb"):
-        if handed_in is not None:
-            msg = (
-                f"A connection handed to env.py in config.attributes['connection'] "
-                f"({shown}) is supported on SQLite only for now. Let the run make its own "
-                "connections from sqlalchemy.url in alembic.ini."
-            )
-            raise ConfigurationError(msg)
-        assert section is not None
-        if name == "postgresql":
-            from . import _postgresql
-
-            return _postgresql.PostgresBackend(section, options)
-        from . import _mysql
-
-        return _mysql.MySQLBackend(section, options)
-    if name == "postgres":  # the spelling Heroku and others hand out
-        msg = (
-            f"{shown}: SQLAlchemy does not know the postgres:// scheme (it was dropped in "
-            "SQLAlchemy 1.4). Write postgresql:// instead in sqlalchemy.url."
-        )
-        raise ConfigurationError(msg)
+def refuse_handed_in(shown: str) -> ConfigurationError:
+    """A connection handed in on a database whose backend cannot lock one yet."""
     msg = (
-        f"alembic-sqlite-lock migrates {SUPPORTED} databases, and {shown} is none of "
-        "them. Point sqlalchemy.url at a supported database, or use Alembic's stock "
-        "env.py for this one."
+        f"A connection handed to env.py in config.attributes['connection'] "
+        f"({shown}) is supported on SQLite only for now. Let the run make its own "
+        "connections from sqlalchemy.url in alembic.ini."
     )
-    raise ConfigurationError(msg)
+    return ConfigurationError(msg)

@@ -15,9 +15,9 @@ from typing import Any
 from alembic.config import Config
 from alembic.runtime.migration import RevisionStep
 
+from ..._settings import resolve_settings
 from . import _backup, _holder
 from ._runlock import lock_path_for, run_lock_held
-from ._settings import resolve_settings
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import re
 import textwrap
 from pathlib import Path
 
-from ._errors import ConfigurationError
-from ._settings import SECTION, X_PREFIX, defaults
+from .._errors import ConfigurationError
+from .._settings import SECTION, X_PREFIX, defaults
 
 DEFAULT_URL = "sqlite:///%(here)s/app.db"
 

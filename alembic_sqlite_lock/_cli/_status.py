@@ -18,12 +18,13 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from . import _backup, _holder, _sqlite
-from ._backend import describe_url
-from ._errors import LockTimeout
+from .._backends._sqlite import _backend as _sqlite
+from .._backends._sqlite import _backup, _holder
+from .._backends._sqlite._runlock import lock_path_for, run_lock_held, run_lock_problem
+from .._errors import LockTimeout
+from .._settings import resolve_setting, resolve_settings
+from .._urls import describe_url
 from ._inspect import DatabaseState, read_state
-from ._runlock import lock_path_for, run_lock_held, run_lock_problem
-from ._settings import resolve_setting, resolve_settings
 
 STATUS_READ_WAIT_S = 1.0
 """How long status waits to read a database locked for writing (busy_timeout_s, if lower,

@@ -1,0 +1,141 @@
+"""The databases a run can migrate: one backend each, chosen here by the dialect name.
+
+The orchestrator (``_env``) runs the same two passes everywhere: a look at the version
+without the lock, then a locked run. What differs per database is how a connection is
+made, how the lock is taken and released, and what a failure leaves behind:
+
+* SQLite (``_sqlite/``): SQLite's own write lock, BEGIN IMMEDIATE, plus the files it
+  keeps beside the database (the run lock, the holder record, backups).
+* PostgreSQL (``_postgresql``): an advisory lock keyed by database, schema and version
+  table; the whole run is one transaction.
+* MySQL / MariaDB (``_mysql``): ``GET_LOCK`` on a dedicated connection; each revision
+  commits on its own because DDL commits implicitly there.
+
+:data:`BACKENDS` is the only place that looks at a URL's dialect. Each backend module
+has ``open_backend(section, handed_in, options)``; it is imported only when a run needs
+it, so a SQLite run never imports the server code. A new database: a module here with
+that function, and a line in :data:`BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import exc
+from sqlalchemy.engine import Connection, make_url
+
+from .._errors import ConfigurationError
+from .._urls import describe_url
+from ._base import Backend, RunOptions, ServerBackend
+
+__all__ = ["BACKENDS", "SUPPORTED", "Backend", "RunOptions", "ServerBackend", "open_backend"]
+
+BACKENDS: dict[str, str] = {
+    "sqlite": "._sqlite",
+    "postgresql": "._postgresql",
+    "mysql": "._mysql",
+    "mariadb": "._mysql",
+}
+"""Dialect name -> the module (relative to this package) that migrates it."""
+
+SUPPORTED = "sqlite, postgresql, mysql and mariadb"
+
+
+def open_backend(
+    *,
+    section: Mapping[str, str] | None,
+    handed_in: Connection | None,
+    options: RunOptions,
+    where: str,
+    ini: str | None = None,
+) -> Backend:
+    """The backend for the run's database.
+
+    ``section`` is the alembic.ini section with ``sqlalchemy.url`` (when no connection
+    was handed in); ``where`` names it for the error when the URL is missing, ``ini``
+    (the file) for the error when the URL is not valid.
+    """
+    if handed_in is not None:
+        if not isinstance(handed_in, Connection):
+            msg = (
+                "config.attributes['connection'] must be a SQLAlchemy Connection "
+                f"(with engine.connect() as connection: ...), not {type(handed_in).__name__}. "
+                "Hand in engine.connect()'s connection, or none and let the run open its "
+                "own from sqlalchemy.url."
+            )
+            raise ConfigurationError(msg)
+        raw_url: Any = handed_in.engine.url
+    else:
+        raw_url = (section or {}).get("sqlalchemy.url")
+        if not raw_url:
+            msg = (
+                f"No sqlalchemy.url in {where}. Set it to the database to migrate, for "
+                "example sqlalchemy.url = sqlite:///%(here)s/app.db"
+            )
+            raise ConfigurationError(msg)
+    shown = describe_url(raw_url)
+    try:
+        name = _dialect_name(raw_url)
+    except (exc.ArgumentError, ValueError) as error:  # ValueError: a bad port number
+        # Not chained: the message says all, and int()'s would quote the "port", a
+        # password when "user:password" lost its "@host" (shown by --verbose).
+        raise bad_url(shown, error, ini) from None
+    module = BACKENDS.get(name)
+    if module is None:
+        raise _unsupported(name, shown)
+    opener = importlib.import_module(module, __name__).open_backend
+    backend: Backend = opener(section, handed_in, options)
+    return backend
+
+
+def _dialect_name(raw_url: Any) -> str:
+    parsed = make_url(raw_url)
+    if parsed.password is not None and "@" in f"{parsed.host}{parsed.database}":
+        # SQLAlchemy ended the password at its first "@" and took the rest for the host
+        # (or the database): the connection error would name it, password and all.
+        msg = 'the password holds an "@" that is not %-encoded (write it as %40)'
+        raise ValueError(msg)
+    return parsed.get_backend_name()
+
+
+def _unsupported(name: str, shown: str) -> ConfigurationError:
+    if name == "postgres":  # the spelling Heroku and others hand out
+        msg = (
+            f"{shown}: SQLAlchemy does not know the postgres:// scheme (it was dropped in "
+            "SQLAlchemy 1.4). Write postgresql:// instead in sqlalchemy.url."
+        )
+        return ConfigurationError(msg)
+    msg = (
+        f"alembic-sqlite-lock migrates {SUPPORTED} databases, and {shown} is none of "
+        "them. Point sqlalchemy.url at a supported database, or use Alembic's stock "
+        "env.py for this one."
+    )
+    return ConfigurationError(msg)
+
+
+def bad_url(shown: str, error: Exception, ini: str | None) -> ConfigurationError:
+    """sqlalchemy.url cannot be parsed, or is not a valid URL of its database."""
+    reason = str(error).splitlines()[0].rstrip(".")
+    if reason.startswith("invalid literal for int()"):
+        # Not the literal itself: in "user:password" with the "@host" forgotten,
+        # SQLAlchemy takes the password for the port.
+        reason = "the port is not a number"
+    where = ini or "the Alembic configuration"
+    if shown.startswith(("postgres", "mysql", "mariadb")):
+        msg = (
+            f"sqlalchemy.url in {where} is not a valid database URL ({shown}): {reason}. "
+            "Use postgresql://user:password@host:5432/dbname or "
+            "mysql://user:password@host:3306/dbname (a port is a number; a special "
+            "character in the password is %-encoded, and written %% in alembic.ini). "
+            "Nothing was run."
+        )
+        return ConfigurationError(msg)
+    msg = (
+        f"sqlalchemy.url in {where} is not a valid SQLite URL "
+        f"({shown}): {reason}. Use sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+        "or sqlite:///%(here)s/app.db for a file beside alembic.ini. Nothing was run."
+    )
+    return ConfigurationError(msg)
+

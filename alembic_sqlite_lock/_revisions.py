@@ -1,0 +1,154 @@
+"""Clear errors for revisions nobody can find, and one-line error texts.
+
+Alembic reports "Can't locate revision" both for a mistyped argument and for a database
+migrated by a newer release; this module tells those apart (and lets an app start on a
+newer schema when ``allow_unknown_revision`` says so).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import MultipleHeads, ResolutionError
+from alembic.util import CommandError
+from sqlalchemy import exc
+
+from ._errors import (
+    MigrationLockError,
+    MultipleHeadsError,
+    UnknownDatabaseRevision,
+    UnknownRevision,
+)
+from ._urls import describe_url
+
+logger = logging.getLogger(__name__)
+
+SETTING = "allow_unknown_revision"
+"""The setting that lets an app start on a database migrated by a newer release."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: SQLAlchemy's own text spans several (SQL, parameters, link)."""
+    if isinstance(error, exc.DBAPIError) and error.orig is not None:
+        statement = " ".join(str(error.statement or "").split())
+        shown = statement if len(statement) <= 200 else statement[:197] + "..."
+        text = f"{type(error.orig).__name__}: {error.orig}"
+        return f"{text} (while running: {shown})" if shown else text
+    return f"{type(error).__name__}: {' '.join(str(error).split())}".rstrip(".")
+
+
+# Revisions --------------------------------------------------------------------------------
+@contextmanager
+def guarding_revisions(env: EnvironmentContext, allow_unknown: bool) -> Iterator[None]:
+    """While inside, the command's work function explains revision errors."""
+    original = env.context_opts["fn"]
+    env.context_opts["fn"] = revision_guard(original, env.script, allow_unknown=allow_unknown)
+    try:
+        yield
+    finally:
+        env.context_opts["fn"] = original
+
+
+def revision_guard(fn: Any, script: ScriptDirectory, *, allow_unknown: bool) -> Any:
+    """Wrap a command's work function: clear errors for revisions nobody can find.
+
+    A database at a revision the code does not have is the classic rolling deploy or
+    code rollback: an older release boots against a schema a newer one migrated. With
+    ``allow_unknown`` the app starts anyway (nothing migrated) after a WARNING.
+    """
+
+    def guarded(heads: tuple[str, ...], context: Any) -> list[Any]:
+        try:
+            return list(fn(heads, context))
+        except MigrationLockError:
+            raise
+        except CommandError as error:
+            url = _shown_url(context)
+            unknown = _unknown_revisions(script, heads)
+            if unknown:
+                ahead = database_ahead(url, script, heads, unknown)
+                if not allow_unknown:
+                    raise ahead from error
+                logger.warning(
+                    "Database %s is at revision %s, which this code does not know (its "
+                    "heads: %s); starting anyway because %s is set. Nothing was migrated.",
+                    url, ", ".join(heads), _heads(script), SETTING,
+                )
+                return []
+            raise revision_error(url, script, error) from error
+
+    return guarded
+
+
+def _shown_url(context: Any) -> str:
+    connection = getattr(context, "connection", None)
+    if connection is not None:
+        return describe_url(connection.engine.url)
+    # No connection yet: a target resolved before a new database file is created.
+    env = getattr(context, "environment_context", None)
+    url = env.config.get_main_option("sqlalchemy.url") if env is not None else None
+    return describe_url(url) if url else "the database"
+
+
+def _unknown_revisions(script: ScriptDirectory, heads: Iterable[str]) -> list[str]:
+    unknown = []
+    for head in heads:
+        try:
+            script.revision_map.get_revision(head)
+        except Exception:
+            unknown.append(head)
+    return unknown
+
+
+def _heads(script: ScriptDirectory) -> str:
+    return ", ".join(script.get_heads()) or "none"
+
+
+def database_ahead(
+    url: str, script: ScriptDirectory, heads: tuple[str, ...], unknown: list[str]
+) -> UnknownDatabaseRevision:
+    code_heads = _heads(script)
+    msg = (
+        f"The database {url} is at revision {', '.join(heads)}, but this code does not "
+        f"have revision {', '.join(unknown)}: its newest revision is {code_heads} (in "
+        f"{script.versions}). Most likely an older release of the app is starting against "
+        "a database that a newer release already migrated (a rolling deploy, or a code "
+        "rollback without a database downgrade). Deploy the release that contains "
+        f"{', '.join(unknown)}, or downgrade the database with that release first "
+        f"(`alembic downgrade {code_heads}`). If this release is known to work with the "
+        f"newer schema, set {SETTING} = true in [alembic_sqlite_lock] of alembic.ini "
+        f"(or -x lock_{SETTING}=true, or upgrade(..., {SETTING}=True)) to start with a "
+        "warning instead. Nothing was migrated."
+    )
+    return UnknownDatabaseRevision(
+        msg, url=url, database_revisions=tuple(heads), code_heads=tuple(script.get_heads())
+    )
+
+
+def revision_error(url: str, script: ScriptDirectory, error: CommandError) -> CommandError:
+    """A clearer error for a mistyped revision or an ambiguous ``head``."""
+    cause = error.__cause__
+    code_heads = _heads(script)
+    if isinstance(cause, MultipleHeads):
+        msg = (
+            f"Cannot upgrade {url} to '{cause.argument}': the code in {script.versions} has "
+            f"{len(cause.heads)} head revisions ({', '.join(cause.heads)}), so there is no "
+            "single newest revision. Merge them (`alembic merge heads -m merge`, commit "
+            "and deploy the merge revision), or upgrade to every head with `alembic "
+            "upgrade heads`. Nothing was migrated."
+        )
+        return MultipleHeadsError(msg, url=url, code_heads=tuple(cause.heads))
+    if isinstance(cause, ResolutionError):
+        msg = (
+            f"Revision '{cause.argument}' does not exist in {script.versions}, so {url} "
+            f"cannot be migrated to it. The code's newest revision is {code_heads}; "
+            "`alembic history` lists them all. Check the revision id (or use head). "
+            "Nothing was migrated."
+        )
+        return UnknownRevision(msg, url=url, revision=str(cause.argument))
+    return error

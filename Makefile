@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # pytest-xdist: the concurrency tests mostly wait on each other, so two per core pays.
 TEST_WORKERS ?= 4
 
-.PHONY: demo test test-lowest container-test bench lint clean
+.PHONY: demo test test-lowest container-test bench lint dist clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,9 +44,17 @@ bench: $(VENV)/.bench-installed
 container-test:
 	bash containers/test.sh
 
+# mypy tests/typing: the public API's types (tests/typing/api.py: wrong calls must fail).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests/typing
+
+# The sdist and the wheel (built from that sdist) in dist/, as they would be uploaded.
+# A stale egg-info's SOURCES.txt would add files that pyproject.toml no longer ships.
+dist: $(VENV)/.installed
+	rm -rf dist build *.egg-info
+	$(PY) -m build --outdir dist .
 
 clean:
-	rm -rf $(VENV) .venv-lowest .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-lowest .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

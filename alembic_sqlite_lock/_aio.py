@@ -10,16 +10,29 @@ are serialized by ``upgrade()``'s process-wide mutex, so concurrent calls are sa
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import sys
 
 from ._commands import ConfigLike, upgrade
+from ._settings import SettingsKeywords
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # SQLAlchemy 2 depends on typing_extensions
+    from typing_extensions import Unpack
 
 
-async def upgrade_async(config: ConfigLike, revision: str = "head", **settings: Any) -> list[str]:
+async def upgrade_async(
+    config: ConfigLike,
+    revision: str = "head",
+    *,
+    sql: bool = False,
+    tag: str | None = None,
+    **settings: Unpack[SettingsKeywords],
+) -> list[str]:
     """Await :func:`upgrade` without blocking the event loop; same arguments, same result.
 
-    ``settings`` are passed on as they are (``deadline_s=300``, ``sql=True``, ``tag=...``).
+    ``sql``, ``tag`` and the settings (``deadline_s=300``...) are passed on as they are.
     Cancelling the awaiting task does not stop a migration that has started: the thread
     finishes it (committing or rolling back as a whole) and the result is discarded.
     """
-    return await asyncio.to_thread(upgrade, config, revision, **settings)
+    return await asyncio.to_thread(upgrade, config, revision, sql=sql, tag=tag, **settings)

@@ -12,8 +12,9 @@ They mirror ``alembic.command`` line for line, with two additions:
 from __future__ import annotations
 
 import os
+import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from alembic.config import Config
@@ -25,7 +26,12 @@ from alembic.util import CommandError
 from ._env import STATE_KEY, RunState
 from ._errors import ConfigurationError
 from ._progress import StepsFn
-from ._settings import SETTINGS_KEY, resolve_policy
+from ._settings import SETTINGS_KEY, Settings, SettingsKeywords, resolve_settings
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # SQLAlchemy 2 depends on typing_extensions
+    from typing_extensions import Unpack
 
 _PROCESS_MUTEX = threading.RLock()
 """Serializes commands between the threads of one process (see the module docstring)."""
@@ -39,13 +45,13 @@ def upgrade(
     *,
     sql: bool = False,
     tag: str | None = None,
-    **settings: Any,
+    **settings: Unpack[SettingsKeywords],
 ) -> list[str]:
     """Upgrade to ``revision`` under the migration lock; safe from every worker at once.
 
     ``config`` is an ``alembic.config.Config`` or the path of an alembic.ini.
-    ``settings`` are :class:`RetryPolicy` fields (``deadline_s=300``...). Returns the
-    revisions this call applied (empty when another worker had done the work).
+    ``settings`` are the lock settings (``deadline_s=300``...; see the reference). Returns
+    the revisions this call applied (empty when another worker had done the work).
     """
     cfg = _as_config(config)
     script = ScriptDirectory.from_config(cfg)
@@ -65,7 +71,7 @@ def downgrade(
     *,
     sql: bool = False,
     tag: str | None = None,
-    **settings: Any,
+    **settings: Unpack[SettingsKeywords],
 ) -> list[str]:
     """Downgrade to ``revision`` under the migration lock. Returns the reverted revisions."""
     cfg = _as_config(config)
@@ -88,7 +94,7 @@ def stamp(
     sql: bool = False,
     tag: str | None = None,
     purge: bool = False,
-    **settings: Any,
+    **settings: Unpack[SettingsKeywords],
 ) -> list[str]:
     """Set the version table to ``revision`` without running migrations, under the lock."""
     cfg = _as_config(config)
@@ -142,10 +148,14 @@ def _run(
     config: Config,
     script: ScriptDirectory,
     steps: StepsFn,
-    settings: dict[str, Any],
+    settings: Settings | Mapping[str, Any],
     **opts: Any,
 ) -> list[str]:
-    resolve_policy(config, settings)  # bad settings fail here, before env.py runs
+    """Run the command's env.py under the guard. ``settings``: resolved already, or the
+    keyword arguments to resolve them from, here, once for the whole run (bad settings
+    fail here, before env.py runs); env.py's run_migrations() gets them handed down."""
+    if not isinstance(settings, Settings):
+        settings = resolve_settings(config, settings)
     # Alembic writes before it calls the work function (and so before the guard below):
     # it creates the version table on a fresh file, and empties it for --purge. Until
     # env.py proves it runs through our lock, Alembic gets dont_mutate and no purge.

@@ -1,17 +1,24 @@
-"""Settings, resolved in one place and in one order.
+"""Settings: each described once, resolved in one place, once per run, in one order.
+
+``SETTINGS`` describes every setting (name, type, default, one line of help); the CLI's
+flags and help, the ``[alembic_sqlite_lock]`` section ``init`` writes and the checks of
+the reference's table are made from it. ``SettingsKeywords`` types the keyword
+arguments of ``upgrade()`` and co (a test checks it against ``SETTINGS``).
 
 Keyword arguments (``upgrade(cfg, deadline_s=300)``), then ``-x lock_<name>=<value>`` on
 the alembic command line, then the ``[alembic_sqlite_lock]`` section of alembic.ini,
 then the defaults. A bad value fails at start, naming the setting and where it came
-from. Every setting has one name everywhere (and a ``--<name>`` flag on our CLI).
+from. The run resolves them where it starts (``upgrade()``, or ``run_migrations()`` for
+a plain ``alembic`` command) and hands the :class:`Settings` down.
 """
 
 from __future__ import annotations
 
 import configparser
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypedDict
 
 from alembic.config import Config
 
@@ -21,35 +28,109 @@ from ._retry import RetryPolicy
 SECTION = "alembic_sqlite_lock"
 X_PREFIX = "lock_"
 SETTINGS_KEY = "alembic_sqlite_lock.settings"
-"""Where ``upgrade()`` leaves its keyword settings for env.py, in ``Config.attributes``."""
+"""Where ``upgrade()`` leaves the run's resolved :class:`Settings` for env.py, in
+``Config.attributes``."""
 
 LOCK_SCOPES = ("session", "transaction")
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One setting, described once."""
+
+    name: str
+    kind: type
+    """int, float (seconds), str or bool: how a text value is read."""
+    default: int | float | str | bool | None
+    help: str
+    """One line, for the CLI's --help and the alembic.ini that ``init`` writes."""
+    metavar: str = "VALUE"
+
+    @property
+    def ini_default(self) -> str:
+        """The default as it is written in alembic.ini ("" for none)."""
+        value = self.default
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return "" if value is None else str(value)
+
+    @property
+    def shown_default(self) -> str:
+        """The default as the CLI's help and the reference show it."""
+        named = re.search(r"\(default: ([^)]*)\)", self.help)
+        return named.group(1) if named else self.ini_default or "off"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("max_attempts", int, 10,
+            "attempts to take the lock, each on a new connection", "N"),
+    Setting("base_delay_s", float, 0.1,
+            "back-off after failed attempt n: base_delay_s * 2**n seconds...", "SECONDS"),
+    Setting("jitter_s", float, 0.1,
+            "...plus uniform(0, jitter_s), so waiting workers do not retry in lockstep",
+            "SECONDS"),
+    Setting("busy_timeout_s", float, 30.0,
+            "how long one attempt waits inside SQLite's busy handler", "SECONDS"),
+    Setting("deadline_s", float, 120.0,
+            "overall seconds a worker waits for the lock before LockTimeout", "SECONDS"),
+    Setting("lock_key", str, None,
+            "PostgreSQL/MySQL: what the lock is keyed on (default: derived)"),
+    Setting("lock_scope", str, "session",
+            "PostgreSQL: session, or transaction behind PgBouncer transaction pooling"),
+    Setting("allow_unknown_revision", bool, False,
+            "true: start anyway (a WARNING, nothing migrated) when the database is at a "
+            "revision this code does not have"),
+    Setting("wait_while_holder_alive", bool, False,
+            "true: past deadline_s, keep waiting while the recorded holder is provably "
+            "alive on this host"),
+    Setting("backup_dir", str, "",
+            "empty: no backups. A directory (relative to the database's): before "
+            "migrating, the worker holding the lock writes a copy there (VACUUM INTO)"),
+    Setting("backup_keep", int, 0,
+            "0: keep every backup. N: after each backup, delete this database's oldest "
+            "backups in backup_dir so that at most N remain", "N"),
+)
+"""Every setting, in the order the CLI's help, the generated alembic.ini and the
+reference list them. A new setting is a line here, a field of :class:`Settings` (or of
+RetryPolicy) and a key of :class:`SettingsKeywords`; tests/test_settings.py checks that
+the three agree and that docs/reference.md's table lists it."""
+
+NAMES = tuple(setting.name for setting in SETTINGS)
+_BY_NAME = {setting.name: setting for setting in SETTINGS}
+
+
+class SettingsKeywords(TypedDict, total=False):
+    """The settings as keyword arguments of ``upgrade()``, ``downgrade()``, ``stamp()``
+    and ``upgrade_async()``, with their Python types (text works too, as in alembic.ini,
+    but only these types pass a type checker)."""
+
+    max_attempts: int
+    base_delay_s: float
+    jitter_s: float
+    busy_timeout_s: float
+    deadline_s: float
+    lock_key: str | int
+    lock_scope: str
+    allow_unknown_revision: bool
+    wait_while_holder_alive: bool
+    backup_dir: str
+    backup_keep: int
+
+
+@dataclass(frozen=True)
 class Settings:
-    """Every setting of a run; the retry policy's fields are settings too."""
+    """Every setting of a run, resolved (see ``SETTINGS`` for what each means); the
+    retry policy's fields are settings too."""
 
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     lock_key: str | None = None
-    """PostgreSQL / MySQL: what the lock is keyed on, instead of database, schema and
-    version table (PostgreSQL: a 64-bit integer or any text, hashed; MySQL: the
-    GET_LOCK name)."""
     lock_scope: str = "session"
-    """PostgreSQL: ``session`` (pg_advisory_lock) or ``transaction``
-    (pg_advisory_xact_lock, for PgBouncer in transaction-pooling mode)."""
     allow_unknown_revision: bool = False
-    """Start anyway, with a WARNING and migrating nothing, when the database is at a
-    revision this code does not have (an older release booting after a newer one)."""
     wait_while_holder_alive: bool = False
-    """Past deadline_s, keep waiting while the recorded holder is provably alive on this
-    host (a long migration), and still time out when it is not (or cannot be checked)."""
     backup_dir: str = ""
-    """Empty: no backups. A directory (relative to the database's): the worker about to
-    migrate copies the database there first (VACUUM INTO)."""
     backup_keep: int = 0
-    """After a backup, delete this database's oldest backups so that at most this many
-    remain; 0 keeps every backup (deleting is never done unless asked for)."""
 
     def __post_init__(self) -> None:
         key = self.lock_key
@@ -72,51 +153,24 @@ class Settings:
 
 
 _POLICY_NAMES = tuple(f.name for f in fields(RetryPolicy))
-_TYPES: dict[str, type] = {
-    **{name: (int if name == "max_attempts" else float) for name in _POLICY_NAMES},
-    "lock_key": str,
-    "lock_scope": str,
-    "allow_unknown_revision": bool,
-    "wait_while_holder_alive": bool,
-    "backup_dir": str,
-    "backup_keep": int,
-}
-NAMES = tuple(_TYPES)
-"""Every setting's name, in the order the docs and the generated alembic.ini list them."""
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
-def defaults() -> dict[str, str]:
-    """Every setting's default as it is written in alembic.ini ("" for none)."""
-    policy, rest = RetryPolicy(), Settings()
-    values: dict[str, str] = {}
-    for name in NAMES:
-        value = getattr(policy if name in _POLICY_NAMES else rest, name)
-        if isinstance(value, bool):
-            values[name] = "true" if value else "false"
-        elif isinstance(value, float) and value.is_integer():
-            values[name] = str(int(value))
-        else:
-            values[name] = "" if value is None else str(value)
-    return values
-
-
-def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -> RetryPolicy:
-    """The RetryPolicy for a run (see :func:`resolve_settings`)."""
-    return resolve_settings(config, overrides).policy
-
-
-def resolve_setting(config: Config, name: str, overrides: Mapping[str, Any] | None = None) -> str:
-    """A text setting, resolved like every other."""
-    return str(getattr(resolve_settings(config, overrides), name) or "")
+def run_settings(config: Config) -> Settings:
+    """The settings of the run in progress: those ``upgrade()`` (or ``status``)
+    resolved and handed down in ``config.attributes``, or, for a plain ``alembic``
+    command, resolved now from ``-x``, alembic.ini and the defaults."""
+    handed_down = config.attributes.get(SETTINGS_KEY)
+    if isinstance(handed_down, Settings):
+        return handed_down
+    return resolve_settings(config)
 
 
 def resolve_settings(config: Config, overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Build the settings for a run from every source, highest precedence first."""
-    if overrides is None:
-        overrides = config.attributes.get(SETTINGS_KEY, {})
+    """Build the settings for a run from every source, highest precedence first;
+    ``overrides`` are the keyword arguments. Called once per run, where it starts."""
     layers = [
-        ("keyword argument", dict(overrides), ""),
+        ("keyword argument", dict(overrides or {}), ""),
         ("-x option", _x_options(config), X_PREFIX),
         (f"[{SECTION}] in {config.config_file_name}", _ini_section(config), ""),
     ]
@@ -140,7 +194,7 @@ def resolve_settings(config: Config, overrides: Mapping[str, Any] | None = None)
 def convert(name: str, raw: Any, where: str) -> Any:
     """One setting's value from text (or a Python value), checked; ``where`` names the
     setting and its source in the error, e.g. ``deadline_s (-x option)``."""
-    kind = _TYPES[name]
+    kind = _BY_NAME[name].kind
     try:
         if kind is bool:
             value: Any = _switch(raw)
@@ -197,7 +251,7 @@ def _x_options(config: Config) -> dict[str, str]:
                 raise ConfigurationError(msg)
             name = key[len(X_PREFIX):]
             # Settings named lock_* read naturally as -x lock_key=... as well.
-            if name not in _TYPES and key in _TYPES:
+            if name not in _BY_NAME and key in _BY_NAME:
                 name = key
             values[name] = value
     return values

@@ -1,25 +1,49 @@
-"""Where the retry settings come from, in which order, and how a bad one is reported.
+"""Where the settings come from, in which order, and how a bad one is reported; each
+setting described once; resolved once per run.
 
 Keyword arguments beat ``-x lock_<name>=...``, which beats the ``[alembic_sqlite_lock]``
 section of alembic.ini, which beats the defaults. A bad or unknown setting stops the
 run before any database file is created, and says which setting and where it was set.
+``_settings.SETTINGS`` describes each setting once: the dataclasses, the typed keywords,
+the CLI's help, the ini ``init`` writes and the reference's table agree with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
+import sys
+import typing
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.config import Config
-from conftest import Project, write_lock_held
+from conftest import REPO, Project, write_lock_held
 
 import alembic_sqlite_lock
+import alembic_sqlite_lock._cli._status
+from alembic import command
 from alembic_sqlite_lock import ConfigurationError, LockTimeout, RetryPolicy
-from alembic_sqlite_lock._settings import SETTINGS_KEY, resolve_policy
+from alembic_sqlite_lock._cli import _init, _main
+from alembic_sqlite_lock._settings import (
+    NAMES,
+    SETTINGS,
+    SETTINGS_KEY,
+    Settings,
+    SettingsKeywords,
+    resolve_settings,
+    run_settings,
+)
 
 VALID_NAMES = ("max_attempts", "base_delay_s", "jitter_s", "busy_timeout_s", "deadline_s")
+
+
+def resolve_policy(config: Config, overrides: Mapping[str, Any] | None = None) -> RetryPolicy:
+    return resolve_settings(config, overrides).policy
 
 
 def make_config(tmp_path: Path, section: str | None = None, x: list[str] | None = None) -> Config:
@@ -88,12 +112,17 @@ def test_keyword_arguments_override_x_options_and_the_ini(tmp_path: Path) -> Non
     )
 
 
-def test_keyword_arguments_are_read_from_config_attributes(tmp_path: Path) -> None:
-    """upgrade(cfg, **settings) leaves them in config.attributes for env.py."""
+def test_settings_handed_down_in_config_attributes_are_not_resolved_again(
+    tmp_path: Path,
+) -> None:
+    """upgrade(cfg, **settings) resolves them and leaves them in config.attributes for
+    env.py; a plain alembic command has none there, and run_migrations resolves."""
     config = make_config(tmp_path, x=["lock_deadline_s=30"])
-    config.attributes[SETTINGS_KEY] = {"deadline_s": 15}
+    assert run_settings(config).policy.deadline_s == 30.0
 
-    assert resolve_policy(config).deadline_s == 15.0
+    handed_down = Settings(RetryPolicy(deadline_s=15))
+    config.attributes[SETTINGS_KEY] = handed_down
+    assert run_settings(config) is handed_down
 
 
 def test_every_setting_can_come_from_every_source(tmp_path: Path) -> None:
@@ -319,3 +348,148 @@ def test_percent_sign_in_the_ini_section_is_a_clean_error(project: Project) -> N
     assert "FAILED:" in result.stdout, output(result)
     assert "deadline_s" in result.stdout
     assert "Traceback" not in output(result)
+
+
+# Each setting described once: everything else agrees with _settings.SETTINGS ----------
+
+
+def test_the_description_agrees_with_the_dataclasses() -> None:
+    """Settings() and RetryPolicy() hold the described defaults, field for field."""
+    policy_names = [f.name for f in fields(RetryPolicy)]
+    other_names = [f.name for f in fields(Settings) if f.name != "policy"]
+    assert sorted(NAMES) == sorted(policy_names + other_names)
+    assert len(set(NAMES)) == len(NAMES)
+    for setting in SETTINGS:
+        owner = RetryPolicy() if setting.name in policy_names else Settings()
+        default = getattr(owner, setting.name)
+        assert default == setting.default, setting.name
+        assert default is None or type(default) is setting.kind, setting.name
+
+
+def test_the_typed_keywords_are_every_setting_with_its_type() -> None:
+    hints = typing.get_type_hints(SettingsKeywords)
+    assert list(hints) == list(NAMES)
+    assert not SettingsKeywords.__required_keys__  # total=False: every keyword optional
+    for setting in SETTINGS:
+        hint = hints[setting.name]
+        assert setting.kind in (typing.get_args(hint) or (hint,)), setting.name
+
+
+def test_the_public_commands_take_the_typed_keywords() -> None:
+    for function in (alembic_sqlite_lock.upgrade, alembic_sqlite_lock.downgrade,
+                     alembic_sqlite_lock.stamp, alembic_sqlite_lock.upgrade_async):
+        hints = typing.get_type_hints(function, include_extras=True)
+        assert typing.get_args(hints["settings"]) == (SettingsKeywords,), function
+
+
+def reference_settings_rows() -> list[tuple[str, str]]:
+    text = (REPO / "docs" / "reference.md").read_text()
+    section = text.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| ([^|]+) \|", section, re.MULTILINE)
+    return [(name, default.strip()) for name, default in rows]
+
+
+def test_the_reference_table_lists_every_setting_with_its_default() -> None:
+    assert reference_settings_rows() == [(s.name, s.shown_default) for s in SETTINGS]
+
+
+def test_the_cli_help_comes_from_the_description() -> None:
+    parser = _main.build_parser()
+    upgrade = next(
+        action for action in parser._subparsers._group_actions  # type: ignore[union-attr]
+        if isinstance(action, argparse._SubParsersAction)
+    ).choices["upgrade"]
+    flags = {action.option_strings[0]: action for action in upgrade._actions
+             if action.option_strings}
+    for setting in SETTINGS:
+        flag = flags[f"--{setting.name}"]
+        assert flag.metavar == setting.metavar
+        assert flag.help is not None
+        assert flag.help.startswith(setting.help)
+        assert f"(default: {setting.shown_default})" in flag.help
+
+
+def test_the_ini_init_writes_comes_from_the_description() -> None:
+    section = _init.settings_section()
+    flat = " ".join(line.lstrip("# ") for line in section.splitlines())
+    for setting in SETTINGS:
+        assert f"\n# {setting.name} = {setting.ini_default}".rstrip() + "\n" in section
+        assert f"{setting.name}: {setting.help}" in flat
+
+
+def test_init_reads_its_files_from_the_templates_folder() -> None:
+    folder = Path(_init.__file__).with_name("templates")
+    for name in ("env.py", "script.py.mako", "README"):
+        assert _init.template(name) == (folder / name).read_text()
+    ini = _init.ini_text("%(here)s/migrations")
+    assert "script_location = %(here)s/migrations\n" in ini
+    assert _init.settings_section() in ini
+    assert "${" not in ini
+
+
+# Resolved once per run ---------------------------------------------------------------
+
+
+@pytest.fixture
+def resolutions(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
+    """Every call of resolve_settings, wherever the package imported it from."""
+    from alembic_sqlite_lock import _settings
+
+    original = _settings.resolve_settings
+    calls: list[Config] = []
+
+    def spy(config: Config, overrides: Mapping[str, Any] | None = None) -> Settings:
+        calls.append(config)
+        return original(config, overrides)
+
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", "")
+        if name.startswith("alembic_sqlite_lock") and (
+            getattr(module, "resolve_settings", None) is original
+        ):
+            monkeypatch.setattr(module, "resolve_settings", spy)
+    return calls
+
+
+def test_upgrade_resolves_the_settings_once(project: Project, resolutions: list[Config]) -> None:
+    set_in_ini(project, "backup_dir = backups")
+
+    applied = alembic_sqlite_lock.upgrade(project.ini, deadline_s=60, backup_keep=2)
+
+    assert applied[-1] == "0008"  # migrated: the look, the wait, the locked run, a backup
+    assert len(resolutions) == 1
+    resolutions.clear()
+    assert alembic_sqlite_lock.upgrade(project.ini) == []  # nothing to do
+    assert len(resolutions) == 1
+
+
+def test_offline_upgrade_resolves_the_settings_once(
+    project: Project, resolutions: list[Config], capsys: pytest.CaptureFixture[str]
+) -> None:
+    alembic_sqlite_lock.upgrade(project.ini, sql=True, deadline_s=60)
+
+    assert "CREATE TABLE" in capsys.readouterr().out
+    assert len(resolutions) == 1
+
+
+def test_a_plain_alembic_command_resolves_the_settings_once_in_env_py(
+    project: Project, resolutions: list[Config]
+) -> None:
+    config = Config(str(project.ini), cmd_opts=argparse.Namespace(x=["lock_deadline_s=60"]))
+
+    command.upgrade(config, "head")
+
+    assert project.version() == ["0008"]
+    assert len(resolutions) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="_cli._inspect.read_state() resolves the keyword "
+                   "settings again until it takes status's resolved Settings")
+def test_status_resolves_the_settings_once(project: Project, resolutions: list[Config]) -> None:
+    alembic_sqlite_lock.upgrade(project.ini)  # a database to look at: env.py runs
+    resolutions.clear()
+
+    report = alembic_sqlite_lock._cli._status.gather(Config(str(project.ini)), deadline_s=60)
+
+    assert report.current == ["0008"]
+    assert len(resolutions) == 1

@@ -3,189 +3,53 @@
 Alembic's own ``alembic init --template`` only looks inside Alembic's package folder,
 so this writes the files itself: the same layout as ``alembic init`` (an alembic.ini,
 DIR/env.py, DIR/script.py.mako, an empty DIR/versions/), with our one-call env.py, a
-commented ``[alembic_sqlite_lock]`` section and logging that shows our INFO lines.
+commented ``[alembic_sqlite_lock]`` section and logging that shows our INFO lines. The
+files are in ``templates/``; alembic.ini.template's ``${...}`` placeholders are filled in
+here (the settings section from ``_settings.SETTINGS``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import string
 import textwrap
+from importlib import resources
 from pathlib import Path
 
 from .._errors import ConfigurationError
-from .._settings import SECTION, X_PREFIX, defaults
+from .._settings import SECTION, SETTINGS, X_PREFIX
 
 DEFAULT_URL = "sqlite:///%(here)s/app.db"
 
-SETTING_HELP = {
-    "max_attempts": "attempts to take the lock, each on a new connection",
-    "base_delay_s": "back-off after failed attempt n: base_delay_s * 2**n seconds...",
-    "jitter_s": "...plus uniform(0, jitter_s), so waiting workers do not retry in lockstep",
-    "busy_timeout_s": "how long one attempt waits inside SQLite's busy handler",
-    "deadline_s": "overall seconds a worker waits for the lock before LockTimeout",
-    "allow_unknown_revision": (
-        "true: start anyway (a WARNING, nothing migrated) when the database is at a "
-        "revision this code does not have"
-    ),
-    "wait_while_holder_alive": (
-        "true: past deadline_s, keep waiting while the recorded holder is provably alive "
-        "on this host"
-    ),
-    "lock_key": "PostgreSQL/MySQL: what the lock is keyed on (default: derived)",
-    "lock_scope": "PostgreSQL: session, or transaction behind PgBouncer transaction pooling",
-    "backup_dir": (
-        "empty: no backups. A directory (relative to the database's): before migrating, "
-        "the worker holding the lock writes a copy there (VACUUM INTO)"
-    ),
-    "backup_keep": (
-        "0: keep every backup. N: after each backup, delete this database's oldest "
-        "backups in backup_dir so that at most N remain"
-    ),
-}
-"""One line per setting, for the generated alembic.ini and the CLI's --help."""
 
-
-def setting_defaults() -> dict[str, str]:
-    """Every setting's default, as it would be written in alembic.ini."""
-    return defaults()
+def template(name: str) -> str:
+    """A file of ``templates/`` (shipped with the package), as text."""
+    folder = resources.files("alembic_sqlite_lock._cli") / "templates"
+    return (folder / name).read_text(encoding="utf-8")
 
 
 def settings_section() -> str:
+    """The ``[alembic_sqlite_lock]`` section: every setting, its help and its default,
+    commented out (from ``_settings.SETTINGS``)."""
     lines = [
         f"[{SECTION}]",
         "# Every setting, with its default. Overridden by the same-named flag of",
         f"# alembic-sqlite-lock (--deadline_s 300), by `-x {X_PREFIX}<name>=...` on the",
         "# command line and by keyword arguments of alembic_sqlite_lock.upgrade().",
     ]
-    for name, default in setting_defaults().items():
-        if name in SETTING_HELP:
-            lines.extend(textwrap.wrap(f"{name}: {SETTING_HELP[name]}", width=86,
-                                       initial_indent="# ", subsequent_indent="#   "))
-        lines.append(f"# {name} = {default}".rstrip())
+    for setting in SETTINGS:
+        lines.extend(textwrap.wrap(f"{setting.name}: {setting.help}", width=86,
+                                   initial_indent="# ", subsequent_indent="#   "))
+        lines.append(f"# {setting.name} = {setting.ini_default}".rstrip())
     return "\n".join(lines) + "\n"
 
 
 def ini_text(script_location: str, url: str = DEFAULT_URL) -> str:
-    return f"""\
-# Alembic configuration made by `alembic-sqlite-lock init`.
-# `alembic upgrade head` (or `alembic-sqlite-lock upgrade`) from any number of workers
-# at once is safe: env.py calls alembic_sqlite_lock.run_migrations().
-
-[alembic]
-script_location = {script_location}
-prepend_sys_path = .
-path_separator = os
-sqlalchemy.url = {url}
-
-{settings_section()}
-[loggers]
-keys = root,sqlalchemy,alembic,alembic_sqlite_lock
-
-[handlers]
-keys = console
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = WARNING
-handlers = console
-qualname =
-
-[logger_sqlalchemy]
-level = WARNING
-handlers =
-qualname = sqlalchemy.engine
-
-[logger_alembic]
-level = WARNING
-handlers =
-qualname = alembic
-
-# INFO shows which worker applied which migration, and who waited for whom.
-[logger_alembic_sqlite_lock]
-level = INFO
-handlers =
-qualname = alembic_sqlite_lock
-
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-level = NOTSET
-formatter = generic
-
-[formatter_generic]
-format = %(asctime)s %(levelname)-5.5s [pid %(process)d] %(message)s
-datefmt = %H:%M:%S
-"""
-
-
-ENV_PY = '''\
-"""Alembic environment, made by `alembic-sqlite-lock init`.
-
-Alembic's online/offline boilerplate is replaced by one call: run_migrations() takes
-SQLite's write lock before the current revision is read and holds it until the new
-revision is committed, so every worker can run `alembic upgrade head` at start-up.
-"""
-
-from logging.config import fileConfig
-
-from alembic import context
-from alembic_sqlite_lock import run_migrations
-
-config = context.config
-
-# Configure logging from alembic.ini only when a command line runs us; an app calling
-# alembic_sqlite_lock.upgrade() at start-up keeps its own logging.
-if config.config_file_name is not None and config.cmd_opts is not None:
-    fileConfig(config.config_file_name, disable_existing_loggers=False)
-
-# Your models' MetaData, for `alembic revision --autogenerate` and `alembic check`:
-#     from myapp.models import Base
-#     target_metadata = Base.metadata
-target_metadata = None
-
-# Keyword arguments go to context.configure(), e.g. render_as_batch=True.
-run_migrations(context, target_metadata)
-'''
-
-SCRIPT_PY_MAKO = '''\
-"""${message}
-
-Revision ID: ${up_revision}
-Revises: ${down_revision | comma,n}
-Create Date: ${create_date}
-
-"""
-from collections.abc import Sequence
-
-import sqlalchemy as sa
-from alembic import op
-${imports if imports else ""}
-
-# revision identifiers, used by Alembic.
-revision: str = ${repr(up_revision)}
-down_revision: str | Sequence[str] | None = ${repr(down_revision)}
-branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
-depends_on: str | Sequence[str] | None = ${repr(depends_on)}
-
-
-def upgrade() -> None:
-    ${upgrades if upgrades else "pass"}
-
-
-def downgrade() -> None:
-    ${downgrades if downgrades else "pass"}
-'''
-
-README = """\
-An Alembic environment made by `alembic-sqlite-lock init`.
-
-    alembic revision -m "create users"      # write a migration in versions/
-    alembic-sqlite-lock upgrade             # or `alembic upgrade head`, from every worker
-    alembic-sqlite-lock status              # where the database is, and who is migrating
-"""
+    """templates/alembic.ini.template with its placeholders filled in."""
+    return string.Template(template("alembic.ini.template")).substitute(
+        script_location=script_location, url=url, settings_section=settings_section()
+    )
 
 
 def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
@@ -216,9 +80,9 @@ def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
             folder.mkdir(parents=True)
             created.append(folder)
     files = {
-        target / "env.py": ENV_PY,
-        target / "script.py.mako": SCRIPT_PY_MAKO,
-        target / "README": README,
+        target / "env.py": template("env.py"),
+        target / "script.py.mako": template("script.py.mako"),
+        target / "README": template("README"),
         ini: ini_text(_script_location(target, ini.parent), _ini_value(url)),
     }
     for path, text in files.items():

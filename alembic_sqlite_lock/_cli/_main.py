@@ -36,7 +36,7 @@ from .._errors import (
     UnknownDatabaseRevision,
     UnknownRevision,
 )
-from .._settings import NAMES, X_PREFIX, convert
+from .._settings import NAMES, SETTINGS, X_PREFIX, Setting, convert
 from .._settings import SECTION as SETTINGS_SECTION
 from .._version import __version__
 from . import _init as _scaffold
@@ -201,23 +201,18 @@ def _add_settings(parser: argparse.ArgumentParser, prefix: str) -> None:
         "lock settings",
         f"the same names as in [alembic_sqlite_lock] and -x {X_PREFIX}<name>; a flag wins",
     )
-    defaults = _scaffold.setting_defaults()
-    for name in NAMES:
-        metavar = "VALUE"
-        if name in ("max_attempts", "backup_keep"):
-            metavar = "N"
-        elif name.endswith("_s"):
-            metavar = "SECONDS"
+    for setting in SETTINGS:
         group.add_argument(
-            f"--{name}", dest=f"{prefix}setting_{name}", default=None, metavar=metavar,
-            help=_flag_help(name, defaults.get(name)),
+            f"--{setting.name}", dest=f"{prefix}setting_{setting.name}", default=None,
+            metavar=setting.metavar, help=_flag_help(setting),
         )
 
 
-def _flag_help(name: str, default: object) -> str:
-    text = _scaffold.SETTING_HELP.get(name, name)
+def _flag_help(setting: Setting) -> str:
     # A help text that names its own default ("(default: derived)") keeps it.
-    return text if "(default:" in text else f"{text} (default: {default or 'off'})"
+    if "(default:" in setting.help:
+        return setting.help
+    return f"{setting.help} (default: {setting.shown_default})"
 
 
 def _add_write_options(parser: argparse.ArgumentParser) -> None:
@@ -275,7 +270,8 @@ def _check_readable(config: Config, path: str, section: str) -> None:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = {}
+    """The settings given as flags, as the keyword arguments of upgrade() and co."""
+    settings: dict[str, Any] = {}
     for name in NAMES:
         value = getattr(args, f"setting_{name}", None)
         if value is None:

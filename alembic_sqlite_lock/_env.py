@@ -33,10 +33,7 @@ from sqlalchemy import Column, MetaData, String, Table, exc, select
 from sqlalchemy.engine import Connection
 
 from . import _revisions
-from ._backends import Backend, RunOptions, bad_url, open_backend
-from ._backends._sqlite import _backend as _sqlite
-from ._backends._sqlite import _diagnose
-from ._backends._sqlite._sidecar import Sidecar
+from ._backends import Backend, RunOptions, SideFiles, bad_url, open_backend
 from ._errors import ConfigurationError, MigrationLockError, RollbackFailed, busy_reading
 from ._progress import (
     Progress,
@@ -48,7 +45,7 @@ from ._progress import (
     revisions,
 )
 from ._retry import RetryPolicy, acquire
-from ._settings import Settings, resolve_settings
+from ._settings import Settings, run_settings
 from ._signals import Termination, terminate_as_exit
 from ._targets import pin_relative_target
 from ._urls import describe_url
@@ -102,7 +99,7 @@ def run_migrations(
     env.context_opts.update(state.held_opts)
     try:
         kwargs = dict(configure_kwargs, target_metadata=target_metadata)
-        settings = resolve_settings(env.config)  # bad settings fail offline too
+        settings = run_settings(env.config)  # resolved once per run; bad ones fail offline too
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
@@ -143,6 +140,7 @@ class _OnlineRun:
         self.env = env
         self.kwargs = kwargs
         self.state = state
+        self.settings = settings
         self.policy: RetryPolicy = settings.policy
         self.options = RunOptions(
             policy=settings.policy,
@@ -181,7 +179,7 @@ class _OnlineRun:
             raise bad_url(shown, error, config.config_file_name) from None
         try:
             started = time.monotonic()
-            if self.migrates and config.attributes.get("connection") is None:
+            if self.migrates and source.creates_database():
                 self._resolve_target_before_creating(section.get("sqlalchemy.url", ""))
             # purge empties the version table before the command looks at it, which is
             # a write: such a run goes straight to the lock.
@@ -190,11 +188,14 @@ class _OnlineRun:
                 return
             # The holder record (who migrates, for waiters and `status`) and the opt-in
             # backup live beside a database file; server databases have neither.
-            sidecar = Sidecar(self.env.config, source.database_file)
-            source.still_waiting = lambda: logger.info(
-                "Still waiting for the migration lock on %s after %.1fs%s",
-                source.url, time.monotonic() - started, sidecar.holder_suffix(),
-            )
+            sidecar = source.side_files(self.settings)
+
+            def still_waiting() -> None:
+                logger.info(
+                    "Still waiting for the migration lock on %s after %.1fs%s",
+                    source.url, time.monotonic() - started, sidecar.holder_suffix(),
+                )
+
             if not purge:
                 # Work to do. If another worker is migrating, wait for it to finish and
                 # look again: usually it did the same work.
@@ -203,12 +204,16 @@ class _OnlineRun:
                 waited = source.wait_for_running(
                     self.policy.busy_timeout_for(remaining_s),
                     while_waiting=lambda: self._expect_work_after(sidecar, source),
+                    still_waiting=still_waiting,
                 )
                 if waited and not self.work_certain and self._finished_after_wait(source):
                     return
             # SIGTERM (a CLI run stopped by its supervisor) rolls the run back.
             with terminate_as_exit() as self.stop:
-                self._run_locked(source, sidecar, saw_work=not purge, started=started)
+                self._run_locked(
+                    source, sidecar, saw_work=not purge, started=started,
+                    still_waiting=still_waiting,
+                )
         finally:
             source.close()
 
@@ -216,8 +221,6 @@ class _OnlineRun:
         """A database file that does not exist yet is at no revision: resolve the
         command's target from there before the first connection creates the file, so a
         mistyped revision fails with nothing left on disk."""
-        if _sqlite.missing_database_file(url) is None:
-            return
         self.env.configure(url=url, **self.kwargs)
         list(self.command_fn((), self.env.get_context()))
 
@@ -248,7 +251,7 @@ class _OnlineRun:
                 connection.commit()
         except exc.DBAPIError as error:
             if not source.is_busy(error):
-                raise _database_error(source, error) from error
+                raise source.database_error(error) from error
             if not self.migrates:
                 # A read-only command never goes on to the locked run.
                 raise busy_reading(source.url, time.monotonic() - looked_at) from error
@@ -257,7 +260,7 @@ class _OnlineRun:
             logger.info("Database already at %s, nothing to do", revisions(heads))
         return True
 
-    def _expect_work_after(self, sidecar: Sidecar, source: Backend) -> None:
+    def _expect_work_after(self, sidecar: SideFiles, source: Backend) -> None:
         """While waiting: if the running holder's recorded target leaves work for this
         worker, it will migrate next, so skip the look after the wait (the locked run
         reads the version anyway): nothing then stands between the holder's COMMIT and
@@ -289,8 +292,7 @@ class _OnlineRun:
         try:
             with source.reading() as connection:
                 try:
-                    if connection.dialect.name == "sqlite":
-                        _sqlite.set_busy_timeout(connection, 0)
+                    source.no_lock_wait(connection)
                     connection.execute(select(version.c.version_num)).fetchall()
                 finally:
                     # A handed-in connection is the run's own: leave no transaction.
@@ -323,7 +325,13 @@ class _OnlineRun:
         return True
 
     def _run_locked(
-        self, source: Backend, sidecar: Sidecar, *, saw_work: bool, started: float
+        self,
+        source: Backend,
+        sidecar: SideFiles,
+        *,
+        saw_work: bool,
+        started: float,
+        still_waiting: Callable[[], None],
     ) -> None:
         # transaction_per_migration lets Alembic commit after each revision; only a
         # lock that outlives a transaction keeps other workers out between revisions.
@@ -348,7 +356,9 @@ class _OnlineRun:
         try:
             try:
                 connection = acquire(
-                    lambda timeout_s: source.try_lock(timeout_s, begin=not per_migration),
+                    lambda timeout_s: source.try_lock(
+                        timeout_s, begin=not per_migration, still_waiting=still_waiting
+                    ),
                     self.policy,
                     url=source.url,
                     causes=source.timeout_causes,
@@ -357,8 +367,10 @@ class _OnlineRun:
                     started_at=started,  # the deadline counts from the first wait
                 )
             except exc.DBAPIError as error:
-                raise _database_error(source, error) from error
-            stop_watching = _watch_pragmas(connection, progress)
+                raise source.database_error(error) from error
+            stop_watching = source.watch(
+                connection, lambda: describe(progress.running) if progress.running else "?"
+            )
             try:
                 self._migrate(source, connection, before_commit=sidecar.finished)
                 # Logged before the lock is released, so that in a shared log every
@@ -370,12 +382,13 @@ class _OnlineRun:
                     # Each finished revision committed on its own there: it is applied.
                     self.state.applied.extend(log_applied(progress))
                 if self.stop.received:  # the exit line says where the stop left the database
-                    heads_after = _heads_after_rollback(self.env, connection)
+                    heads_after = _heads_after_rollback(self.env, source, connection)
                     self.stop.heads = None if heads_after is None else revisions(heads_after)
                 if isinstance(error, Exception) and not isinstance(error, MigrationLockError):
-                    heads_now = _heads_after_rollback(self.env, connection)
+                    heads_now = _heads_after_rollback(self.env, source, connection)
                     raise migration_error(
-                        source.url, progress, error, heads_now, transactional=source.transactional
+                        source.url, progress, error, heads_now,
+                        transactional=source.transactional, hint=source.failure_hint(error),
                     ) from error
                 raise
             finally:
@@ -437,47 +450,20 @@ def _checked_autocommit(
 
 
 def _autocommit_refused(source: Backend) -> Callable[[], Any]:
-    url = source.url
-    # A SQLite run lock file that is there but cannot be locked: say which, and the fix.
-    unusable = source.run_lock_problem if isinstance(source, _sqlite._Source) else None
+    """In place of Alembic's autocommit_block() when the lock ends with a transaction."""
 
     def autocommit_block() -> Any:
-        if unusable is not None:
-            raise _sqlite.lock_file_refused(
-                url, unusable,
-                "a migration uses autocommit_block(), which commits in the middle of the "
-                "run, and only the run lock keeps other workers from starting to migrate "
-                "at that commit",
-                "The run was rolled back; nothing was migrated.",
-            )
-        msg = (
-            "A migration uses autocommit_block(), which commits in the middle of the run, "
-            f"but the migration lock on {url} ends with a transaction here (lock_scope = "
-            "transaction on PostgreSQL, for a transaction pooler; or SQLite without a run "
-            "lock file: an in-memory database, or a system without flock), so other "
-            "workers could start migrating at that commit. The run was rolled back; "
-            "nothing was migrated. Use lock_scope = session on a direct or session-pooled "
-            "connection, or move those statements out of autocommit_block()."
-        )
-        raise ConfigurationError(msg)
+        raise source.autocommit_refused()
 
     return autocommit_block
 
 
-def _watch_pragmas(connection: Connection, progress: Progress) -> Any:
-    if connection.dialect.name != "sqlite":
-        return lambda: None
-    return _sqlite.warn_on_ignored_pragmas(
-        connection, lambda: describe(progress.running) if progress.running else "?"
-    )
-
-
 def _heads_after_rollback(
-    env: EnvironmentContext, connection: Connection
+    env: EnvironmentContext, source: Backend, connection: Connection
 ) -> tuple[str, ...] | None:
     """Where the database really is after a failed run (part may have been committed)."""
     try:
-        connection.execution_options(**{_sqlite.READ_ONLY_OPTION: True})
+        source.read_only(connection)
         heads = env.get_context().get_current_heads()
         connection.rollback()
         return heads
@@ -502,13 +488,3 @@ def _rollback(connection: Connection, url: str, error: BaseException) -> None:
             "(on SQLite: `PRAGMA integrity_check`) and restore a backup if it is damaged."
         )
         raise RollbackFailed(msg, url=url) from rollback_error
-
-
-def _database_error(source: Backend, error: exc.DBAPIError) -> MigrationLockError:
-    if source.url.startswith("sqlite"):
-        return _diagnose.open_error(source.url, error)  # which file, what is wrong, the fix
-    msg = (
-        f"Could not read the migration state of {source.url}: {error.orig}. "
-        f"{source.unreadable_hint}"
-    )
-    return MigrationLockError(msg)

@@ -8,6 +8,7 @@ Errors carry their facts as attributes (``url`` with the password hidden, ``atte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from alembic.util import CommandError
@@ -94,44 +95,35 @@ def busy_reading(url: str, waited_s: float) -> LockTimeout:
     return LockTimeout(msg, url=url, attempts=1, waited_s=waited_s)
 
 
+RAISE_DEADLINE = (
+    "raise deadline_s (`-x lock_deadline_s=600`, or the [alembic_sqlite_lock] section "
+    "of alembic.ini)."
+)
+"""The end of every LockTimeout: what to do when a migration legitimately takes longer."""
+
+
 def lock_timeout(
     url: str,
     attempts: int,
     waited_s: float,
-    causes: str | None = None,
+    causes: Callable[[str | None], str] | None = None,
     lock_file: str | None = None,
 ) -> LockTimeout:
-    """``lock_file``: the run lock file, when that is what the last attempt waited on."""
+    """``causes(lock_file)``: the backend's explanation after the first words (its
+    ``timeout_causes``); ``lock_file``: the file the last attempt waited on, if a file."""
     head = (
         f"Could not take the migration lock on {url} after {attempts} attempt"
         f"{'s' if attempts != 1 else ''} over {waited_s:.1f}s: "
     )
-    if lock_file is not None and causes is None:
-        msg = (
-            f"{head}another process held the run lock file {lock_file} the whole time. "
-            "Likely causes: another worker is stuck in a migration (check its logs), or "
-            "a process that is no migration holds it: any user who can read that file can "
-            f"hold its lock. `fuser -v {lock_file}` or `lsof {lock_file}` shows who has "
-            "it open; stop that process, and let only the database's owner read the file. "
-            "If a migration legitimately takes longer, raise deadline_s (`-x "
-            "lock_deadline_s=600`, or the [alembic_sqlite_lock] section of alembic.ini)."
-        )
-        return LockTimeout(msg, url=url, attempts=attempts, waited_s=waited_s)
     if causes is not None:
-        msg = (
-            f"{head}{causes} If a migration legitimately takes longer, raise deadline_s "
-            "(`-x lock_deadline_s=600`, or the [alembic_sqlite_lock] section of alembic.ini)."
-        )
+        msg = f"{head}{causes(lock_file)}"
         return LockTimeout(msg, url=url, attempts=attempts, waited_s=waited_s)
     msg = (
-        f"{head}another connection held "
-        "a write lock on the database the whole time. Likely causes: another process is "
-        "stuck in a migration or a long write transaction (check its logs; `fuser` or "
-        "`lsof` on the file shows who has it open); the database file or its directory "
-        "is not writable by this user (file permissions); or disk I/O problems. To "
-        "diagnose, start a single worker alone; if a migration legitimately takes longer, "
-        "raise deadline_s (`-x lock_deadline_s=600`, or the [alembic_sqlite_lock] section "
-        "of alembic.ini)."
+        f"{head}another connection held the migration lock the whole time. Likely "
+        "causes: another process is stuck in a migration or a long write transaction "
+        "(check its logs); the database is not writable by this user (permissions); or "
+        "disk I/O problems. To diagnose, start a single worker alone; if a migration "
+        f"legitimately takes longer, {RAISE_DEADLINE}"
     )
     return LockTimeout(msg, url=url, attempts=attempts, waited_s=waited_s)
 

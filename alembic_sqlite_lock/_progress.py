@@ -9,7 +9,6 @@ from typing import Any
 
 from alembic.runtime.migration import MigrationContext, MigrationStep, RevisionStep
 
-from ._backends._sqlite._diagnose import migration_hint
 from ._errors import MigrationError
 from ._revisions import one_line
 
@@ -81,8 +80,12 @@ def migration_error(
     heads_now: tuple[str, ...] | None,
     *,
     transactional: bool = True,
+    hint: str = "",
 ) -> MigrationError:
-    """The error for a failed run, saying where the database really is now."""
+    """The error for a failed run, saying where the database really is now.
+
+    ``hint``: the backend's extra sentence for the cause (its ``failure_hint``), or "".
+    """
     if progress.running is not None:
         what = f"Migration {describe(progress.running)} failed on {url}"
         revision: str | None = revision_of(progress.running)
@@ -108,9 +111,7 @@ def migration_error(
             f"{revisions(heads_now)} (it started at {revisions(progress.before)}); "
             "statements a revision committed in an autocommit block stay applied."
         )
-    msg = f"{what}: {one_line(error)}. {where} Fix the cause and run again." + migration_hint(
-        url, error
-    )
+    msg = f"{what}: {one_line(error)}. {where} Fix the cause and run again.{hint}"
     return MigrationError(msg, url=url, revision=revision)
 
 

@@ -106,7 +106,7 @@ def acquire(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     rng: _Uniform = random,
-    causes: str | None = None,
+    causes: Callable[[str | None], str] | None = None,
     describe_holder: Callable[[], str] | None = None,
     keep_waiting: Callable[[], bool] | None = None,
     started_at: float | None = None,
@@ -115,7 +115,7 @@ def acquire(
 
     ``try_lock`` raises :class:`LockBusy` when the lock is held elsewhere. Gives up with
     :class:`LockTimeout` after ``max_attempts`` or at ``deadline_s``, whichever is first.
-    ``causes`` replaces the SQLite-specific likely causes in that error's message.
+    ``causes(lock_file)`` explains that error for the backend (its ``timeout_causes``).
     ``describe_holder()`` returns a suffix naming the lock's holder ("" when unknown).
     When the attempts or the deadline run out and ``keep_waiting()`` is true, it keeps
     trying, each attempt waiting a full ``busy_timeout_s``, for as long as it stays true.

@@ -15,12 +15,18 @@ made, how the lock is taken and released, and what a failure leaves behind:
 has ``open_backend(section, handed_in, options)``; it is imported only when a run needs
 it, so a SQLite run never imports the server code. A new database: a module here with
 that function, and a line in :data:`BACKENDS`.
+
+The command line asks a few things of a database that are not a run (does its file
+exist, where is it, what lies beside it): :func:`missing_database`,
+:func:`database_path`, :func:`database_file` and :func:`files_beside` ask the backend
+module, and fall back on ``_base``'s answers for a database without files.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 from sqlalchemy import exc
@@ -28,9 +34,33 @@ from sqlalchemy.engine import Connection, make_url
 
 from .._errors import ConfigurationError
 from .._urls import describe_url
-from ._base import Backend, RunOptions, ServerBackend
+from . import _base
+from ._base import (
+    Backend,
+    BackupShown,
+    FilesBeside,
+    HolderShown,
+    RunOptions,
+    ServerBackend,
+    SideFiles,
+)
 
-__all__ = ["BACKENDS", "SUPPORTED", "Backend", "RunOptions", "ServerBackend", "open_backend"]
+__all__ = [
+    "BACKENDS",
+    "SUPPORTED",
+    "Backend",
+    "BackupShown",
+    "FilesBeside",
+    "HolderShown",
+    "RunOptions",
+    "ServerBackend",
+    "SideFiles",
+    "database_file",
+    "database_path",
+    "files_beside",
+    "missing_database",
+    "open_backend",
+]
 
 BACKENDS: dict[str, str] = {
     "sqlite": "._sqlite",
@@ -82,12 +112,55 @@ def open_backend(
         # Not chained: the message says all, and int()'s would quote the "port", a
         # password when "user:password" lost its "@host" (shown by --verbose).
         raise bad_url(shown, error, ini) from None
-    module = BACKENDS.get(name)
+    module = _module(name)
     if module is None:
         raise _unsupported(name, shown)
-    opener = importlib.import_module(module, __name__).open_backend
-    backend: Backend = opener(section, handed_in, options)
+    backend: Backend = module.open_backend(section, handed_in, options)
     return backend
+
+
+def missing_database(url: str) -> str | None:
+    """The database file ``url`` names when it does not exist yet (opening it would
+    create it), else None."""
+    answer: str | None = _ask(url, "missing_database")(url)
+    return answer
+
+
+def database_path(url: str) -> str | None:
+    """The database file ``url`` names, whether it exists or not; None: no such file
+    (a server, an in-memory database)."""
+    answer: str | None = _ask(url, "database_path")(url)
+    return answer
+
+
+def database_file(connection: Connection) -> str:
+    """The file the connection's database lives in, as the database resolved it ("":
+    none)."""
+    module = _module(connection.dialect.name)
+    answer: str = getattr(module, "database_file", _base.database_file)(connection)
+    return answer
+
+
+def files_beside(url: str, database_path: str, backup_dir_setting: str) -> FilesBeside:
+    """What ``status`` shows about the files beside the database at ``database_path``
+    (the run lock, the holder record, the backups in ``backup_dir_setting``)."""
+    answer: FilesBeside = _ask(url, "files_beside")(database_path, backup_dir_setting)
+    return answer
+
+
+def _ask(url: str, function: str) -> Any:
+    """``function`` of the backend module for ``url``, or ``_base``'s default."""
+    try:
+        module = _module(_dialect_name(url))
+    except (exc.ArgumentError, ValueError):
+        module = None
+    return getattr(module, function, getattr(_base, function))
+
+
+def _module(name: str) -> ModuleType | None:
+    """The backend module for a dialect name (imported now), None when unsupported."""
+    module = BACKENDS.get(name)
+    return None if module is None else importlib.import_module(module, __name__)
 
 
 def _dialect_name(raw_url: Any) -> str:

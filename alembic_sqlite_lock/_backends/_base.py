@@ -13,16 +13,62 @@ made, how the lock is taken and released, and what a failure leaves behind:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, MigrationLockError
 from .._retry import RetryPolicy
+from .._settings import Settings
 from .._urls import describe_url
+
+
+class SideFiles(Protocol):
+    """What a run keeps beside its database while it holds the lock (SQLite: the holder
+    record and the opt-in backup; a server database keeps nothing, see :class:`NoSideFiles`)."""
+
+    def holder_suffix(self) -> str:
+        """`` (held by pid 4711 on web-2, ...)`` for a waiter's lines; "" when unknown."""
+        ...
+
+    def holder_alive(self) -> bool:
+        """The recorded holder provably runs now (for wait_while_holder_alive)."""
+        ...
+
+    def running_target(self) -> list[str] | None:
+        """Where the running holder's run will leave the version table, if recorded."""
+        ...
+
+    def starting(self, heads: Sequence[str], steps: Sequence[Any]) -> None:
+        """Inside the lock, once the steps are known, before the first one."""
+        ...
+
+    def finished(self) -> None:
+        """Before the lock is released, whether the run succeeded or not."""
+        ...
+
+
+class NoSideFiles:
+    """A database with no file beside it: no holder record, no backup."""
+
+    def holder_suffix(self) -> str:
+        return ""
+
+    def holder_alive(self) -> bool:
+        return False
+
+    def running_target(self) -> list[str] | None:
+        return None
+
+    def starting(self, heads: Sequence[str], steps: Sequence[Any]) -> None:
+        pass
+
+    def finished(self) -> None:
+        pass
 
 
 class Backend(Protocol):
@@ -32,23 +78,22 @@ class Backend(Protocol):
     """The URL with its password hidden: the only form logs and errors may show."""
     transactional: bool
     """True when the locked run is one transaction: a failure leaves the previous revision."""
-    unreadable_hint: str
-    """Appended to the error when the version cannot be read at all."""
-    timeout_causes: str | None
-    """What a LockTimeout on this database most likely means (None: the SQLite text)."""
-    still_waiting: Callable[[], None] | None
-    """Called now and then while a wait for the lock lasts (SQLite's run lock), so that
-    a long wait shows in the log; set by the orchestrator."""
-
-    @property
-    def database_file(self) -> str | None:
-        """The database's file, for the holder record and backups (None: a server)."""
-        ...
 
     @property
     def run_long_lock(self) -> bool:
         """The lock outlives a transaction: a run may commit midway (autocommit blocks,
         transaction_per_migration) and still keep every other worker out."""
+        ...
+
+    def creates_database(self) -> bool:
+        """The first connection would create the database (a SQLite file that does not
+        exist yet): the run resolves its target first, so that a mistyped revision fails
+        with nothing left on disk."""
+        ...
+
+    def side_files(self, settings: Settings) -> SideFiles:
+        """What the run keeps beside the database while it holds the lock (the holder
+        record, the backup), from the run's resolved settings."""
         ...
 
     def reading(self) -> AbstractContextManager[Connection]:
@@ -59,12 +104,21 @@ class Backend(Protocol):
         """The unlocked look hit a lock: the locked pass will wait its turn instead."""
         ...
 
+    def no_lock_wait(self, connection: Connection) -> None:
+        """Make statements on this reading connection fail at once on a lock instead of
+        waiting for it (the warm-up before the locked run)."""
+        ...
+
     def wait_for_running(
-        self, timeout_s: float, while_waiting: Callable[[], None] | None = None
+        self,
+        timeout_s: float,
+        while_waiting: Callable[[], None] | None = None,
+        still_waiting: Callable[[], None] | None = None,
     ) -> bool:
         """If another worker is migrating now, wait (at most ``timeout_s``) until it has
         finished, without queueing for the lock; True when a run was waited for.
-        ``while_waiting`` is called once a run is known to be going on, before blocking."""
+        ``while_waiting`` is called once a run is known to be going on, before blocking;
+        ``still_waiting`` now and then while the wait lasts, so that it shows in the log."""
         ...
 
     def read_versions(self, table: str, schema: str | None) -> tuple[str, ...] | None:
@@ -81,16 +135,40 @@ class Backend(Protocol):
         Alembic read them. A busy database raises a DBAPIError, as Alembic's read would."""
         ...
 
-    def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
+    def try_lock(
+        self,
+        timeout_s: float,
+        *,
+        begin: bool = True,
+        still_waiting: Callable[[], None] | None = None,
+    ) -> Connection:
         """One attempt: return the migration connection with the lock held, waiting at
         most ``timeout_s``; raise ``LockBusy`` when another worker kept the lock.
         ``begin=False`` (transaction_per_migration) asks for no transaction around the
-        run where the backend would otherwise begin one.
+        run where the backend would otherwise begin one. ``still_waiting`` is called
+        now and then while a long wait lasts (SQLite's run lock), for the log.
 
         A connection returned inside a transaction runs the whole run in it (Alembic
         sees an external transaction); one returned outside a transaction gets
         Alembic's own transaction handling for the dialect.
         """
+        ...
+
+    def timeout_causes(self, lock_file: str | None) -> str:
+        """What a LockTimeout on this database most likely means and what to do: the
+        error's text after "Could not take the migration lock on URL after N attempts
+        over Ts: ". ``lock_file``: the file the last attempt waited on, if a file."""
+        ...
+
+    def watch(self, connection: Connection, running: Callable[[], str]) -> Callable[[], None]:
+        """Watch the migration connection for statements the database would silently
+        ignore there (warned about, naming ``running()``, the revision being run);
+        returns what stops watching."""
+        ...
+
+    def autocommit_refused(self) -> MigrationLockError:
+        """The error for a migration's autocommit_block() when the lock does not outlive
+        a transaction (``run_long_lock`` is False)."""
         ...
 
     def before_commit(self, connection: Connection) -> None:
@@ -101,6 +179,21 @@ class Backend(Protocol):
         """Around a commit in the middle of a run (an autocommit block, between the
         revisions of transaction_per_migration): raise if the lock that outlives the
         transaction is no longer this run's, so that the run stops there."""
+        ...
+
+    def read_only(self, connection: Connection) -> None:
+        """Mark the migration connection, after a failed run, for reading the version
+        only: a transaction begun on it takes no write lock."""
+        ...
+
+    def database_error(self, error: exc.DBAPIError) -> MigrationLockError:
+        """The error for a database whose migration state cannot be read at all: which
+        database, what is wrong, the fix."""
+        ...
+
+    def failure_hint(self, error: BaseException) -> str:
+        """An extra sentence for a failed migration whose cause is the disk or the file
+        (" The disk holding ... is full ..."), or ""."""
         ...
 
     def release(self, connection: Connection) -> None:
@@ -116,25 +209,35 @@ class ServerBackend:
     """What the server databases share: a pooled look at the version, no file beside."""
 
     engine: Engine
-
-    database_file = None
-    """No file beside the database for a holder record or a backup."""
-    still_waiting: Callable[[], None] | None = None
-    """Unused: the server's lock wait is one statement with its own timeout."""
+    url: str
+    unreadable_hint: str
+    """Appended to the error when the version cannot be read at all."""
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
         with self.engine.connect() as connection:
             yield connection
 
+    def creates_database(self) -> bool:
+        return False  # a server database exists before the run, or the connection fails
+
+    def side_files(self, settings: Settings) -> SideFiles:
+        return NoSideFiles()  # no file beside the database for a holder record or a backup
+
     def is_busy(self, error: BaseException) -> bool:
         return False  # reading the version table never waits on a migration there
+
+    def no_lock_wait(self, connection: Connection) -> None:
+        pass  # reading the version table never waits on a migration there
 
     def check_midway(self) -> None:
         pass  # the server's session lock cannot be taken away by a file operation
 
     def wait_for_running(
-        self, timeout_s: float, while_waiting: Callable[[], None] | None = None
+        self,
+        timeout_s: float,
+        while_waiting: Callable[[], None] | None = None,
+        still_waiting: Callable[[], None] | None = None,
     ) -> bool:
         return False  # waiters queue for the server's lock and re-check one at a time
 
@@ -145,6 +248,107 @@ class ServerBackend:
         self, connection: Connection, table: str, schema: str | None
     ) -> tuple[str, ...] | None:
         return None  # Alembic's read is one query there
+
+    def watch(self, connection: Connection, running: Callable[[], str]) -> Callable[[], None]:
+        return lambda: None  # nothing the server ignores silently inside a transaction
+
+    def autocommit_refused(self) -> MigrationLockError:
+        return autocommit_refused(self.url)
+
+    def read_only(self, connection: Connection) -> None:
+        pass  # the version read takes no lock there
+
+    def database_error(self, error: exc.DBAPIError) -> MigrationLockError:
+        msg = (
+            f"Could not read the migration state of {self.url}: {error.orig}. "
+            f"{self.unreadable_hint}"
+        )
+        return MigrationLockError(msg)
+
+    def failure_hint(self, error: BaseException) -> str:
+        return ""  # the server's own error says it
+
+
+def autocommit_refused(url: str) -> ConfigurationError:
+    """autocommit_block() in a run whose lock ends with a transaction."""
+    msg = (
+        "A migration uses autocommit_block(), which commits in the middle of the run, "
+        f"but the migration lock on {url} ends with a transaction here (lock_scope = "
+        "transaction on PostgreSQL, for a transaction pooler; or SQLite without a run "
+        "lock file: an in-memory database, or a system without flock), so other "
+        "workers could start migrating at that commit. The run was rolled back; "
+        "nothing was migrated. Use lock_scope = session on a direct or session-pooled "
+        "connection, or move those statements out of autocommit_block()."
+    )
+    return ConfigurationError(msg)
+
+
+class HolderShown(Protocol):
+    """A holder record as ``status`` shows it."""
+
+    @property
+    def since(self) -> float:
+        """When it took the lock (seconds since the epoch)."""
+        ...
+
+    def as_dict(self) -> dict[str, Any]:
+        ...
+
+    def describe(self) -> str:
+        """``pid 4711 on web-2, a1b2 -> c3d4, for 1.4 s``."""
+        ...
+
+
+class BackupShown(Protocol):
+    """A backup file as ``status`` lists it."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def size_bytes(self) -> int: ...
+
+    @property
+    def created(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class FilesBeside:
+    """What ``status`` shows about the files a database keeps beside it; the defaults are
+    a database without files (a server, an in-memory database)."""
+
+    migration_running: bool | None = None
+    """True/False from the run lock; None when this system cannot tell."""
+    lock_problem: str | None = None
+    """Why migration_running is None, when the run lock file is to blame."""
+    holder: HolderShown | None = None
+    holder_stale: bool = False
+    backup_dir: str | None = None
+    backups: Sequence[BackupShown] = field(default_factory=list)
+    backup_folder_problem: str | None = None
+    """Why the backups in backup_dir are not listed (a link, a foreign owner)."""
+
+
+# What the command line asks about a database, for a backend module that does not say
+# (each backend module may define these functions; see ``_backends.missing_database``).
+def missing_database(url: str) -> str | None:
+    """The file a URL names that does not exist yet (a look must not create it)."""
+    return None
+
+
+def database_path(url: str) -> str | None:
+    """The database's file a URL names, whether it exists or not."""
+    return None
+
+
+def database_file(connection: Connection) -> str:
+    """The file the connection's database lives in, as the database resolved it."""
+    return ""
+
+
+def files_beside(database_path: str, backup_dir_setting: str) -> FilesBeside:
+    """What ``status`` shows about the files beside the database."""
+    return FilesBeside()
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from .._errors import ConfigurationError, MigrationLockError
+from .._errors import RAISE_DEADLINE, ConfigurationError, MigrationLockError
 from .._retry import LockBusy
 from .._urls import describe_url
-from ._base import RunOptions, ServerBackend, missing_driver, refuse_handed_in
+from ._base import Backend, RunOptions, ServerBackend, missing_driver, refuse_handed_in
 
 logger = logging.getLogger(__name__)
 
@@ -87,20 +87,29 @@ class MySQLBackend(ServerBackend):
             ).database or ""
             self.name = lock_name(database, options.version_table)
         self.engine = create_engine(section)
-        self.timeout_causes: str | None = (
-            f"another connection held GET_LOCK('{self.name}') the whole time. Likely "
-            "causes: another worker is stuck in a long migration. `SELECT "
-            f"IS_USED_LOCK('{self.name}')` gives the holder's connection id; SHOW "
-            "PROCESSLIST shows what it does; KILL <id> ends it and frees the lock."
-        )
         self._held: dict[int, tuple[Connection, int]] = {}
         self._logged = False
 
 
+    def timeout_causes(self, lock_file: str | None) -> str:
+        return (
+            f"another connection held GET_LOCK('{self.name}') the whole time. Likely "
+            "causes: another worker is stuck in a long migration. `SELECT "
+            f"IS_USED_LOCK('{self.name}')` gives the holder's connection id; SHOW "
+            "PROCESSLIST shows what it does; KILL <id> ends it and frees the lock. If a "
+            f"migration legitimately takes longer, {RAISE_DEADLINE}"
+        )
+
     run_long_lock = True
     """GET_LOCK lives on its own connection, whatever the migration commits."""
 
-    def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
+    def try_lock(
+        self,
+        timeout_s: float,
+        *,
+        begin: bool = True,
+        still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
+    ) -> Connection:
         if not self._logged:
             self._logged = True
             logger.info("MySQL lock name %r (GET_LOCK on a dedicated connection)", self.name)
@@ -180,7 +189,7 @@ class MySQLBackend(ServerBackend):
 
 def open_backend(
     section: Mapping[str, str] | None, handed_in: Connection | None, options: RunOptions
-) -> MySQLBackend:
+) -> Backend:
     """This module's entry in the registry (``_backends.BACKENDS``)."""
     if handed_in is not None:
         raise refuse_handed_in(describe_url(handed_in.engine.url))

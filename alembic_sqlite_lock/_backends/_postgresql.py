@@ -31,16 +31,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from .._errors import ConfigurationError
+from .._errors import RAISE_DEADLINE, ConfigurationError
 from .._retry import LockBusy
 from .._urls import describe_url
-from ._base import RunOptions, ServerBackend, missing_driver, refuse_handed_in
+from ._base import Backend, RunOptions, ServerBackend, missing_driver, refuse_handed_in
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class PostgresBackend(ServerBackend):
         "Check that the server is up and reachable, that the database named in the URL "
         "exists, and that this user may connect to it."
     )
-    timeout_causes: str | None = (
+    _timeout_causes = (
         "another session held the migration's advisory lock (its key is logged at start) "
         "the whole time. Likely causes: another worker is stuck in a long migration, or "
         "a session that took the lock never ended (a pooler keeping a server connection "
@@ -125,12 +125,21 @@ class PostgresBackend(ServerBackend):
         self._logged = False
 
 
+    def timeout_causes(self, lock_file: str | None) -> str:
+        return f"{self._timeout_causes} If a migration legitimately takes longer, {RAISE_DEADLINE}"
+
     @property
     def run_long_lock(self) -> bool:
         # A session lock survives commits; a transaction-level one ends with the first.
         return self.session_scope
 
-    def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
+    def try_lock(
+        self,
+        timeout_s: float,
+        *,
+        begin: bool = True,
+        still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
+    ) -> Connection:
         connection = self.engine.connect()
         try:
             _check_client(connection)
@@ -245,7 +254,7 @@ def _take(connection: Connection, key: int, timeout_s: float, *, session: bool) 
 
 def open_backend(
     section: Mapping[str, str] | None, handed_in: Connection | None, options: RunOptions
-) -> PostgresBackend:
+) -> Backend:
     """This module's entry in the registry (``_backends.BACKENDS``)."""
     if handed_in is not None:
         raise refuse_handed_in(describe_url(handed_in.engine.url))

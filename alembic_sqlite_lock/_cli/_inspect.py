@@ -15,7 +15,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from .._backends._sqlite import _backend as _sqlite
+from .._backends import database_file, missing_database
 from .._commands import ConfigLike, _as_config, _run
 from .._urls import describe_url
 
@@ -37,7 +37,7 @@ def read_state(config: ConfigLike, **settings: Any) -> DatabaseState:
     cfg = _as_config(config)
     script = ScriptDirectory.from_config(cfg)
     url = cfg.get_main_option("sqlalchemy.url") or ""
-    missing = _sqlite.missing_database_file(url)
+    missing = missing_database(url)
     if missing is not None:
         return DatabaseState(describe_url(url), missing, False, ())
     seen: dict[str, Any] = {}
@@ -47,8 +47,7 @@ def read_state(config: ConfigLike, **settings: Any) -> DatabaseState:
         seen["heads"] = tuple(heads)
         if connection is not None:
             seen["url"] = describe_url(connection.engine.url)
-            if connection.dialect.name == "sqlite":  # a server database has no file
-                seen["path"] = _sqlite.database_path(connection)
+            seen["path"] = database_file(connection)  # "": a server database has no file
         return []
 
     _run(cfg, script, look, dict(settings), dont_mutate=True)

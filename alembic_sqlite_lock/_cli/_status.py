@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +19,9 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
-from .._backends._sqlite import _backend as _sqlite
-from .._backends._sqlite import _backup, _holder
-from .._backends._sqlite._runlock import lock_path_for, run_lock_held, run_lock_problem
+from .._backends import BackupShown, FilesBeside, HolderShown, database_path, files_beside
 from .._errors import LockTimeout
-from .._settings import resolve_setting, resolve_settings
+from .._settings import resolve_settings
 from .._urls import describe_url
 from ._inspect import DatabaseState, read_state
 
@@ -47,14 +46,34 @@ class StatusReport:
     pending: list[str] | None
     """Revisions `upgrade heads` would apply, in order; None when it cannot be told."""
     problem: str | None
-    migration_running: bool | None
-    """True/False from the run lock; None when this system cannot tell."""
-    holder: _holder.Holder | None
-    holder_stale: bool
-    backup_dir: str | None
-    backups: list[_backup.Backup] = field(default_factory=list)
-    lock_problem: str | None = None
-    """Why migration_running is None, when the run lock file is to blame."""
+    beside: FilesBeside = field(default_factory=FilesBeside)
+    """The run lock, the holder record and the backups (a database file's only)."""
+
+    @property
+    def migration_running(self) -> bool | None:
+        """True/False from the run lock; None when this system cannot tell."""
+        return self.beside.migration_running
+
+    @property
+    def lock_problem(self) -> str | None:
+        """Why migration_running is None, when the run lock file is to blame."""
+        return self.beside.lock_problem
+
+    @property
+    def holder(self) -> HolderShown | None:
+        return self.beside.holder
+
+    @property
+    def holder_stale(self) -> bool:
+        return self.beside.holder_stale
+
+    @property
+    def backup_dir(self) -> str | None:
+        return self.beside.backup_dir
+
+    @property
+    def backups(self) -> Sequence[BackupShown]:
+        return self.beside.backups
 
     @property
     def up_to_date(self) -> bool:
@@ -65,7 +84,7 @@ class StatusReport:
         if self.holder is not None:
             holder = dict(self.holder.as_dict(), stale=self.holder_stale,
                           held_for_s=round(max(0.0, time.time() - self.holder.since), 3),
-                          description=_holder.describe(self.holder))
+                          description=self.holder.describe())
         return {
             "database": self.database,
             "database_path": self.database_path,
@@ -89,8 +108,8 @@ class StatusReport:
 def gather(config: Config, **settings: Any) -> StatusReport:
     # An operator asking "what is going on" wants the answer now: a database locked by
     # a writer is reported as such after a moment, with who migrates it, not waited out.
-    busy_timeout_s = resolve_settings(config, settings).policy.busy_timeout_s
-    settings.setdefault("busy_timeout_s", min(busy_timeout_s, STATUS_READ_WAIT_S))
+    resolved = resolve_settings(config, settings)
+    settings.setdefault("busy_timeout_s", min(resolved.policy.busy_timeout_s, STATUS_READ_WAIT_S))
     script = ScriptDirectory.from_config(config)
     heads = list(script.get_heads())
     current: list[str] | None
@@ -100,7 +119,7 @@ def gather(config: Config, **settings: Any) -> StatusReport:
         state = read_state(config, **settings)
     except LockTimeout:
         url = config.get_main_option("sqlalchemy.url") or ""
-        state = DatabaseState(describe_url(url), _sqlite.plain_database_file(url) or "", True, ())
+        state = DatabaseState(describe_url(url), database_path(url) or "", True, ())
         current, pending, problem = None, None, LOCKED_FOR_WRITING
     else:
         current = list(state.current)
@@ -109,26 +128,15 @@ def gather(config: Config, **settings: Any) -> StatusReport:
             pending = [str(step.revision.revision) for step in steps]
         except CommandError as error:
             pending, problem = None, str(error)
-    path = state.database_path
-    record_path = _holder.record_path_for(path)
-    holder = _holder.read(record_path) if record_path else None
-    backup_dir = _backup.backup_directory(resolve_setting(config, "backup_dir", settings), path)
-    lock_path = lock_path_for(path)
-    running = run_lock_held(lock_path)
     return StatusReport(
         database=state.url,
-        database_path=path,
+        database_path=state.database_path,
         database_exists=state.exists,
         current=current,
         heads=heads,
         pending=pending,
         problem=problem,
-        migration_running=running,
-        lock_problem=None if running is not None else run_lock_problem(lock_path),
-        holder=holder,
-        holder_stale=holder is not None and _holder.is_stale(holder),
-        backup_dir=backup_dir,
-        backups=_backup.listing(backup_dir, path),
+        beside=files_beside(state.url, state.database_path, resolved.backup_dir),
     )
 
 
@@ -154,7 +162,7 @@ def format_text(report: StatusReport) -> str:
         lines.append("Backups:    off (set backup_dir to turn them on)")
     else:
         missing = "" if os.path.isdir(report.backup_dir) else " (no such folder yet)"
-        problem = _backup.folder_problem(report.backup_dir, report.database_path)
+        problem = report.beside.backup_folder_problem
         if problem is not None:  # a link, another user's folder: its files are not listed
             missing = f" (not listed: it {problem})"
         lines.append(f"Backups:    {len(report.backups)} in {report.backup_dir}{missing}")
@@ -168,7 +176,7 @@ def format_text(report: StatusReport) -> str:
 def _running_text(report: StatusReport) -> str:
     holder = report.holder
     running = report.migration_running
-    who = _holder.describe(holder) if holder is not None else ""
+    who = holder.describe() if holder is not None else ""
     since = ""
     if holder is not None:
         since = time.strftime(" (since %Y-%m-%d %H:%M:%S)", time.localtime(holder.since))

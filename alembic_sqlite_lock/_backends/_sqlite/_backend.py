@@ -26,11 +26,14 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from ..._errors import ConfigurationError, LockFileUnusable
+from ..._errors import RAISE_DEADLINE, ConfigurationError, LockFileUnusable, MigrationLockError
 from ..._retry import LockBusy, RetryPolicy
+from ..._settings import Settings
 from ..._urls import describe_url
+from .._base import SideFiles, autocommit_refused
 from . import _diagnose
 from ._runlock import RunLock, Unusable, lock_path_for
+from ._sidecar import Sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -288,10 +291,6 @@ class _Source:
     """The SQLite backend: SQLite's write lock, behind the run lock on its file."""
 
     transactional = True
-    unreadable_hint = (
-        "Check that the path points at a SQLite database this user can read and write."
-    )
-    timeout_causes: str | None = None
 
     url: str
 
@@ -302,7 +301,6 @@ class _Source:
         self.run_lock_problem: Unusable | None = None
         """Why the last attempt could not lock the run lock file (None: it could)."""
         self._warned_unusable = False
-        self.still_waiting: Callable[[], None] | None = None
 
     def is_busy(self, error: BaseException) -> bool:
         return is_busy(error)
@@ -339,7 +337,10 @@ class _Source:
         return RunLock(self._lock_path()).usable and self.run_lock_problem is None
 
     def wait_for_running(
-        self, timeout_s: float, while_waiting: Callable[[], None] | None = None
+        self,
+        timeout_s: float,
+        while_waiting: Callable[[], None] | None = None,
+        still_waiting: Callable[[], None] | None = None,
     ) -> bool:
         """Wait for a running migration with a *shared* run lock: when it ends, every
         waiter wakes at once and looks at the result in parallel, instead of queueing
@@ -364,7 +365,7 @@ class _Source:
             while_waiting()
         try:
             if not run_lock.acquire(max(0.0, give_up_at - time.monotonic()), shared=True,
-                                    still_waiting=self.still_waiting):
+                                    still_waiting=still_waiting):
                 return False
         except Unusable as unusable:  # replaced meanwhile by something unlockable
             logger.debug("Not waiting on the run lock: %s", unusable)
@@ -394,7 +395,13 @@ class _Source:
     def _plain_connection(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
-    def try_lock(self, timeout_s: float, *, begin: bool = True) -> Connection:
+    def try_lock(
+        self,
+        timeout_s: float,
+        *,
+        begin: bool = True,
+        still_waiting: Callable[[], None] | None = None,
+    ) -> Connection:
         """One attempt: the run lock first (prompt wake-up), then SQLite's write lock."""
         lock_path = self._lock_path()
         # A read-only database fails here, clearly, before the lock file is created.
@@ -402,7 +409,7 @@ class _Source:
         run_lock = RunLock(lock_path)
         started = time.monotonic()
         try:
-            held = run_lock.acquire(timeout_s, still_waiting=self.still_waiting)
+            held = run_lock.acquire(timeout_s, still_waiting=still_waiting)
         except Unusable as unusable:
             # begin=False is transaction_per_migration: it commits between revisions,
             # where only the run lock would keep other workers out.
@@ -472,6 +479,60 @@ class _Source:
         if violations:
             raise ForeignKeyViolation(violations)
 
+    # What the orchestrator asks of every backend, the SQLite way ---------------------
+    def creates_database(self) -> bool:
+        return False  # a handed-in connection has its database open already
+
+    def side_files(self, settings: Settings) -> SideFiles:
+        return Sidecar(settings, self.database_file)
+
+    def no_lock_wait(self, connection: Connection) -> None:
+        set_busy_timeout(connection, 0)
+
+    def timeout_causes(self, lock_file: str | None) -> str:
+        if lock_file is not None:
+            return (
+                f"another process held the run lock file {lock_file} the whole time. "
+                "Likely causes: another worker is stuck in a migration (check its logs), "
+                "or a process that is no migration holds it: any user who can read that "
+                f"file can hold its lock. `fuser -v {lock_file}` or `lsof {lock_file}` "
+                "shows who has it open; stop that process, and let only the database's "
+                "owner read the file. If a migration legitimately takes longer, "
+                f"{RAISE_DEADLINE}"
+            )
+        return (
+            "another connection held a write lock on the database the whole time. Likely "
+            "causes: another process is stuck in a migration or a long write transaction "
+            "(check its logs; `fuser` or `lsof` on the file shows who has it open); the "
+            "database file or its directory is not writable by this user (file "
+            "permissions); or disk I/O problems. To diagnose, start a single worker "
+            f"alone; if a migration legitimately takes longer, {RAISE_DEADLINE}"
+        )
+
+    def watch(self, connection: Connection, running: Callable[[], str]) -> Callable[[], None]:
+        return warn_on_ignored_pragmas(connection, running)
+
+    def autocommit_refused(self) -> MigrationLockError:
+        if self.run_lock_problem is not None:
+            # A run lock file that is there but cannot be locked: say which, and the fix.
+            return lock_file_refused(
+                self.url, self.run_lock_problem,
+                "a migration uses autocommit_block(), which commits in the middle of the "
+                "run, and only the run lock keeps other workers from starting to migrate "
+                "at that commit",
+                "The run was rolled back; nothing was migrated.",
+            )
+        return autocommit_refused(self.url)
+
+    def read_only(self, connection: Connection) -> None:
+        connection.execution_options(**{READ_ONLY_OPTION: True})
+
+    def database_error(self, error: exc.DBAPIError) -> MigrationLockError:
+        return _diagnose.open_error(self.url, error)  # which file, what is wrong, the fix
+
+    def failure_hint(self, error: BaseException) -> str:
+        return _diagnose.migration_hint(self.url, error)
+
     def _release_run_lock(self) -> None:
         run_lock, self._run_lock = self._run_lock, None
         if run_lock is not None:
@@ -490,8 +551,12 @@ class OwnEngine(_Source):
     def __init__(self, section: Mapping[str, str], policy: RetryPolicy) -> None:
         super().__init__(policy)
         self.url = describe_url(section["sqlalchemy.url"])
+        self._raw_url = section["sqlalchemy.url"]
         self.engine = create_engine(section)
         self._spare: Connection | None = None
+
+    def creates_database(self) -> bool:
+        return missing_database_file(self._raw_url) is not None
 
     def _open_spare(self) -> None:
         if self._spare is None:

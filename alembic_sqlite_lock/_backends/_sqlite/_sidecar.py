@@ -1,8 +1,9 @@
 """What the lock holder does beside the database: the holder record and the backup.
 
-The locked run calls three things (see ``_env._OnlineRun._run_locked``): ``holder_suffix()``
-for the waiters' retry lines, ``starting()`` once the lock is held and the steps are
-known, ``finished()`` just before the lock is released. A worker waiting for another
+The SQLite backend's ``side_files()``. The locked run calls three things (see
+``_env._OnlineRun._run_locked``): ``holder_suffix()`` for the waiters' retry lines,
+``starting()`` once the lock is held and the steps are known, ``finished()`` just before
+the lock is released. A worker waiting for another
 worker's run asks ``running_target()`` where that run is going.
 """
 
@@ -12,10 +13,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from alembic.config import Config
 from alembic.runtime.migration import RevisionStep
 
-from ..._settings import resolve_settings
+from ..._settings import Settings
 from . import _backup, _holder
 from ._runlock import lock_path_for, run_lock_held
 
@@ -23,11 +23,11 @@ logger = logging.getLogger(__name__)
 
 
 class Sidecar:
-    def __init__(self, config: Config, database_path: str | None) -> None:
+    def __init__(self, settings: Settings, database_path: str | None) -> None:
+        """``settings``: the run's, resolved once (backup_dir, backup_keep)."""
         self.database_path = database_path or ""
         self.record_path = _holder.record_path_for(self.database_path)
         self.lock_path = lock_path_for(self.database_path)
-        settings = resolve_settings(config)
         self.backup_dir = _backup.backup_directory(settings.backup_dir, self.database_path)
         self.backup_keep = settings.backup_keep
         self._record: _holder.Holder | None = None

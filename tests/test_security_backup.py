@@ -317,3 +317,89 @@ def test_future_dated_names_do_not_push_the_real_backups_out(
     else:  # root's, but their dates are not believed: they count as the oldest
         assert not any(fake.exists() for fake in fakes)
         assert listed == [str(real), str(new[0])]
+
+
+# A second review: what a user who may write the folders could still do ----------------
+
+def test_a_database_swapped_under_the_lock_gets_no_backup(
+    tmp_path: Path, unprivileged: Unprivileged
+) -> None:
+    """Someone who may write the database's folder swaps a file of theirs in at its path
+    for an instant (renameat2 RENAME_EXCHANGE in a loop). Caught at that instant, a plain
+    stat made them the owner: the backup of the real, root-only database went to them.
+    The owner now comes from the file SQLite holds its lock on."""
+    needs_root()
+    real = tmp_path / "app.db"
+    conn = sqlite3.connect(real, isolation_level=None)
+    conn.execute("CREATE TABLE secret (x TEXT)")
+    conn.execute("INSERT INTO secret VALUES ('TOPSECRET')")
+    real.chmod(0o600)
+    theirs = tmp_path / "theirs.db"
+    sqlite3.connect(theirs).close()
+    unprivileged.chown(theirs)
+    theirs.chmod(0o666)
+    backups = tmp_path / "backups"
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # what a locked run holds when it backs up
+        # Control: the real file at its path is backed up, root-only.
+        written = Path(_backup.make(str(real), str(backups), ["0007"], ["0008"]))
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600
+        assert written.stat().st_uid == 0
+        # The state the swap leaves for an instant: their file at the path.
+        real.rename(tmp_path / "moved")
+        theirs.rename(real)
+        with pytest.raises(BackupFailed, match="is not the file this run holds SQLite's "
+                                               "lock on") as caught:
+            _backup.make(str(real), str(backups), ["0007"], ["0008"])
+        assert "Nothing was migrated" in str(caught.value)
+    finally:
+        conn.close()
+    assert bak_files(backups) == [written]  # nothing handed to them
+    assert all(p.stat().st_uid == 0 for p in backups.iterdir())
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o2775], ids=["0777", "2775 of another group"])
+def test_a_backup_folder_others_may_write_is_refused(
+    project: Project, unprivileged: Unprivileged, mode: int
+) -> None:
+    """A folder owned by root but writable by others (backup_dir = . in a shared data
+    folder): they could rename the private folder VACUUM INTO writes in and put theirs in
+    its place, and get a copy of the database."""
+    needs_root()
+    assert project.alembic("upgrade", "0001").returncode == 0
+    folder = project.root / "shared"
+    folder.mkdir()
+    folder.chmod(mode)
+    if mode & 0o020:
+        os.chown(folder, 0, unprivileged.gid)
+    before = project.db.read_bytes()
+
+    result = project.alembic("-x", "lock_backup_dir=shared", "upgrade", "head")
+
+    who = "every user" if mode & 0o002 else f"group {unprivileged.gid}"
+    assert_one_failed_line(result, f"the backup folder {folder} is writable by {who}",
+                           "Nothing was migrated")
+    assert list(folder.iterdir()) == []
+    assert project.db.read_bytes() == before
+    # Sticky, like /tmp: only an entry's owner may rename it, so the backup is safe.
+    folder.chmod(mode | stat.S_ISVTX)
+    assert project.alembic("-x", "lock_backup_dir=shared", "upgrade", "head").returncode == 0
+    assert len(bak_files(folder)) == 1
+
+
+def test_a_folder_renamed_to_look_like_a_leftover_is_not_emptied(project: Project) -> None:
+    """A backup killed midway leaves its private folder, which the next backup removes;
+    a folder of root's renamed to that pattern (its files root's) is not such a leftover."""
+    assert project.alembic("upgrade", "0001").returncode == 0
+    backups = project.root / "backups"
+    backups.mkdir()
+    lookalike = backups / f".{project.db.name}.backup.0123456789abcdef.tmp"
+    lookalike.mkdir()
+    lookalike.chmod(0o755)
+    (lookalike / "precious.txt").write_text("keep me")
+
+    result = project.alembic("-x", "lock_backup_dir=backups", "upgrade", "head")
+
+    assert result.returncode == 0, result.stderr
+    assert (lookalike / "precious.txt").read_text() == "keep me"
+    assert len(bak_files(backups)) == 1

@@ -478,3 +478,59 @@ def test_a_forked_child_does_not_keep_an_abandoned_waiters_lock(tmp_path: Path) 
     finally:
         holder.kill()
         holder.communicate()
+
+
+# A folder others may change: checking the lock file at each commit is not enough ------
+
+AUTOCOMMIT_ONCE = """\
+with op.get_context().autocommit_block():
+    pathlib.Path({marker!r}, f"0009.{{os.getpid()}}").touch()
+"""
+
+
+@pytest.mark.parametrize("folder_mode", [0o777, 0o2775, 0o1777],
+                         ids=["0777", "2775", "1777 with their lock file"])
+def test_a_run_that_commits_midway_is_refused_in_a_folder_others_may_change(
+    project: Project, unprivileged: Unprivileged, tmp_path: Path, folder_mode: int
+) -> None:
+    """A second review swapped the lock file with a decoy 5000 times a second: each
+    worker's check before and after its autocommit block passed, and two workers ran
+    the block. In a folder others may rename files in, no check can exclude that, so a
+    run that commits midway is refused there; a run in one transaction goes on."""
+    as_root()
+    assert project.alembic("upgrade", "head").returncode == 0
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    project.add_revision("0009", "0008", AUTOCOMMIT_ONCE.format(marker=str(markers)),
+                         header="import os, pathlib")
+    project.root.chmod(folder_mode)
+    if folder_mode & 0o1000:  # sticky: their own lock file, which they may swap
+        lock_file(project).touch()
+        unprivileged.chown(lock_file(project))
+    before = snapshot(project.root)
+
+    result = project.alembic("upgrade", "head")
+
+    assert_clean_failure(result, f"the run lock file {lock_file(project)}",
+                         "autocommit_block()", "nothing was migrated")
+    assert list(markers.iterdir()) == []
+    assert project.version() == ["0008"]
+    assert snapshot(project.root) == before
+    # The fix the message names: a folder only trusted users change.
+    project.root.chmod(0o755)
+    if folder_mode & 0o1000:
+        os.chown(lock_file(project), 0, 0)
+    done = project.alembic("upgrade", "head")
+    assert done.returncode == 0, done.stderr
+    assert len(list(markers.iterdir())) == 1
+    assert project.version() == ["0009"]
+
+
+def test_a_one_transaction_run_goes_on_in_a_folder_others_may_write(project: Project) -> None:
+    """SQLite's write lock keeps everyone else out until the COMMIT: no refusal, no
+    warning, exactly one migration."""
+    project.root.chmod(0o777)
+    result = project.alembic("upgrade", "head")
+    assert result.returncode == 0, result.stderr
+    assert warnings_in(result.stderr) == []
+    assert project.version() == ["0008"]

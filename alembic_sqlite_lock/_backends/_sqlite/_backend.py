@@ -31,7 +31,7 @@ from ..._retry import LockBusy, RetryPolicy
 from ..._settings import Settings
 from ..._urls import describe_url
 from .._base import SideFiles, autocommit_refused
-from . import _diagnose
+from . import _diagnose, _sidefile
 from ._runlock import RunLock, Unusable, lock_path_for
 from ._sidecar import Sidecar
 
@@ -333,7 +333,7 @@ class _Source:
         """After a lock attempt: this run really holds the run lock. Before one: it can
         (a database file, flock, no attempt found the lock file unusable)."""
         if self._run_lock is not None:
-            return self._run_lock.held
+            return self._run_lock.held and self.run_lock_problem is None
         return RunLock(self._lock_path()).usable and self.run_lock_problem is None
 
     def wait_for_running(
@@ -419,6 +419,8 @@ class _Source:
             if not held:
                 msg = f"{run_lock.path} is held by another worker"
                 raise LockBusy(msg, lock_file=run_lock.path)
+            if run_lock.held:
+                self._check_long_lock(run_lock, needed=not begin)
         try:
             left = max(0.0, timeout_s - (time.monotonic() - started))
             connection = self._begin(left, begin=begin)
@@ -451,6 +453,34 @@ class _Source:
             "such a commit",
             "The run stopped and was rolled back to its last commit.",
         )
+
+    def _check_long_lock(self, run_lock: RunLock, *, needed: bool) -> None:
+        """The run lock is held; can it also keep others out across a commit in the
+        middle of the run? If not (a folder others may change), a run that commits
+        midway is refused, and one in a single transaction goes on: SQLite's write lock
+        alone keeps other workers out until its COMMIT."""
+        try:
+            problem = run_lock.midway_problem(_sidefile.Owner.of(self.database_path or ""))
+        except OSError as error:
+            problem = f"is in a folder that cannot be checked ({error.strerror})"
+        if problem is None:
+            return
+        path = run_lock.path or ""
+        self.run_lock_problem = Unusable(
+            path, problem,
+            "Let only users who may write the database write its folder (chmod g-w,o-w "
+            f"{os.path.dirname(path) or '.'}), or make the folder sticky (chmod +t) with "
+            "the lock file owned by the database's owner, or move the database to such a "
+            "folder; or avoid committing in the middle of the run.",
+        )
+        if needed:
+            run_lock.release()
+            raise lock_file_refused(
+                self.url, self.run_lock_problem,
+                "transaction_per_migration commits after each revision, and only the "
+                "run lock keeps other workers from starting to migrate at those commits",
+                "Nothing was migrated.",
+            )
 
     def _without_run_lock(self, unusable: Unusable, *, needed: bool) -> None:
         """The run lock file cannot be locked: refuse a run that needs a lock outliving

@@ -111,7 +111,12 @@ def _revisions(revisions: Iterable[str]) -> str:
 def make(database_path: str, directory: str, before: Iterable[str],
          after: Iterable[str]) -> str:
     """Copy the committed database into ``directory``; returns the backup's path."""
-    owner = Owner.of(database_path)
+    try:
+        # The owner of the file SQLite has locked, not of whatever is at the path now:
+        # the backup and its folder are handed to that owner and its group.
+        owner = Owner.of_locked(database_path)
+    except OSError as error:
+        raise _failed(database_path, directory, error) from error
     try:
         dir_fd = _open_directory(directory, owner)
     except UnsafeSideFile as error:
@@ -226,10 +231,32 @@ def _remove_leftovers(dir_fd: int, directory: str, database_path: str, owner: Ow
             info = os.lstat(name, dir_fd=dir_fd)
         except OSError:
             continue
-        if stat.S_ISDIR(info.st_mode) and owner.trusts(info.st_uid):
+        # Only what a backup leaves: a 0700 folder of a trusted user holding nothing
+        # but the copy and SQLite's files beside it. A folder renamed to this pattern by
+        # someone else (with files of root's inside) is not ours to empty.
+        if (stat.S_ISDIR(info.st_mode) and owner.trusts(info.st_uid)
+                and stat.S_IMODE(info.st_mode) == 0o700
+                and _only_copy_files(dir_fd, name)):
             logger.info("Removing %s, left by a backup that did not finish",
                         os.path.join(directory, name))
             _remove_work_folder(dir_fd, directory, name)
+
+
+def _only_copy_files(dir_fd: int, name: str) -> bool:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return set(os.listdir(fd)) <= {_PART, *(_PART + end for end in _SQLITE_FILES)}
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+_SQLITE_FILES = ("-journal", "-wal", "-shm")
+"""What SQLite may leave beside the copy while it writes it."""
 
 
 def _remove_work_folder(dir_fd: int, directory: str, name: str) -> None:

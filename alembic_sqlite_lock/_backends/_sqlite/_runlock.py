@@ -34,6 +34,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -174,6 +175,32 @@ class RunLock:
         return self._fd is not None and self.path is not None and _sidefile.same_file(
             self._fd, self.path
         )
+
+    def midway_problem(self, owner: _sidefile.Owner) -> str | None:
+        """Why holding this lock would not keep others out across a commit in the middle
+        of a run (None: it would). Checking the file at each commit cannot do it: someone
+        who may rename files in its folder can swap another one in and back between two
+        checks, and a newcomer locks the swapped-in one. So the folder must be one that
+        only users trusted with the database change: no write for group or others, or
+        the sticky bit (then only an entry's owner may rename it) with a lock file of a
+        trusted user. ``owner``: the database's."""
+        assert self._fd is not None
+        assert self.path is not None
+        folder = os.path.dirname(self.path) or "."
+        info = os.stat(folder)
+        if not owner.trusts(info.st_uid):
+            return f"is in {folder}, a folder of uid {info.st_uid}, who cannot write the database"
+        if info.st_mode & stat.S_ISVTX:
+            file_uid = os.fstat(self._fd).st_uid
+            if owner.trusts(file_uid):
+                return None
+            return (f"belongs to uid {file_uid}, who cannot write the database, and may "
+                    f"rename it in the sticky folder {folder}")
+        if info.st_mode & 0o022:
+            who = "every user" if info.st_mode & 0o002 else f"group {info.st_gid}"
+            return (f"is in {folder}, which {who} may write: they could swap the lock file "
+                    "between two commits")
+        return None
 
     def release(self) -> None:
         fd, self._fd = self._fd, None

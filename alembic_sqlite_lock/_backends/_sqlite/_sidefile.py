@@ -71,6 +71,39 @@ class Owner:
             return cls(os.geteuid(), os.getegid(), 0o644 & ~_umask())
         return cls(info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode) & 0o666)
 
+    @classmethod
+    def of_locked(cls, database_path: str) -> Owner:
+        """The database's, checked against the file this process holds SQLite's lock on.
+
+        Whoever can write the database's folder can swap another file in at its path
+        for an instant, and a plain ``stat`` would then make them the owner whose files
+        these are (a backup handed over to them, a folder of theirs trusted). Inside the
+        locked run SQLite holds a POSIX lock on the real file; /proc/locks names its
+        inode. Raises :class:`UnsafeSideFile` when the file at the path is not that one;
+        where /proc/locks cannot be read (not Linux), it is the plain ``stat``.
+        """
+        info = os.stat(database_path)
+        locked = _posix_locked_inodes(os.getpid())
+        if locked is not None and info.st_ino not in locked:
+            raise UnsafeSideFile(
+                database_path, "is not the file this run holds SQLite's lock on (it was "
+                "replaced or moved while the run held it)")
+        return cls(info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode) & 0o666)
+
+    def others_can_change(self, info: os.stat_result) -> str | None:
+        """Why users who cannot write the database could add, rename or remove entries
+        in the folder ``info`` describes (None: they cannot). In a sticky folder (/tmp)
+        only an entry's owner may rename or remove it."""
+        mode = info.st_mode
+        if mode & stat.S_ISVTX:
+            return None
+        if mode & 0o002 and not self.mode & 0o002:
+            return "is writable by every user"
+        if mode & 0o020 and not (info.st_gid == self.gid and self.mode & 0o020):
+            return (f"is writable by group {info.st_gid}, whose members may not write "
+                    "the database")
+        return None
+
     @property
     def file_mode(self) -> int:
         return self.mode
@@ -104,6 +137,26 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
+
+
+def _posix_locked_inodes(pid: int) -> set[int] | None:
+    """Inodes of the files on which process ``pid`` holds a POSIX (fcntl) lock, from
+    /proc/locks: ``1: POSIX  ADVISORY  WRITE <pid> <major>:<minor>:<inode> ...``. Inodes
+    only: an overlay filesystem may show another device there than stat() does. None
+    where /proc/locks cannot be read."""
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return None
+    inodes = set()
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "POSIX" and fields[4] == str(pid):
+            inode = fields[5].rpartition(":")[2]
+            if inode.isdigit():
+                inodes.add(int(inode))
+    return inodes
 
 
 def _checked_regular(fd: int, path: str) -> os.stat_result:
@@ -231,7 +284,9 @@ def open_folder(path: str, owner: Owner, *, create: bool) -> int:
     """A descriptor of the folder at ``path`` (never a symlink in the last component),
     created with the database's mode and owner when ``create`` and missing. A folder
     that belongs to a user who cannot write the database is refused: whoever created it
-    could read and replace everything put in it. Raises OSError."""
+    could read and replace everything put in it; so is one that such users may write
+    (unless it is sticky): they could rename a private folder in it away and put their
+    own in its place while SQLite looks its path up. Raises OSError."""
     if create:
         try:
             os.mkdir(path, 0o700)
@@ -252,11 +307,16 @@ def open_folder(path: str, owner: Owner, *, create: bool) -> int:
             kind = "is a symbolic link" if os.path.islink(path) else "is not a folder"
             raise UnsafeSideFile(path, kind) from error
         raise
-    uid = os.fstat(fd).st_uid
-    if not owner.trusts(uid):
+    info = os.fstat(fd)
+    if not owner.trusts(info.st_uid):
         os.close(fd)
-        raise UnsafeSideFile(path, f"belongs to uid {uid}, a user who cannot write the "
-                                   "database (it could read or replace what is put in it)")
+        raise UnsafeSideFile(path, f"belongs to uid {info.st_uid}, a user who cannot write "
+                                   "the database (it could read or replace what is put in it)")
+    others = owner.others_can_change(info)
+    if others is not None:
+        os.close(fd)
+        raise UnsafeSideFile(path, f"{others} (they could rename what is put in it, or "
+                                   "swap it for their own)")
     return fd
 
 

@@ -483,8 +483,6 @@ def test_a_plain_alembic_command_resolves_the_settings_once_in_env_py(
     assert len(resolutions) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="_cli._inspect.read_state() resolves the keyword "
-                   "settings again until it takes status's resolved Settings")
 def test_status_resolves_the_settings_once(project: Project, resolutions: list[Config]) -> None:
     alembic_sqlite_lock.upgrade(project.ini)  # a database to look at: env.py runs
     resolutions.clear()

@@ -7,7 +7,7 @@ URL set in env.py are honoured) with a command that asks for no migration steps:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from alembic.script import ScriptDirectory
 
 from .._backends import database_file, missing_database
 from .._commands import ConfigLike, _as_config, _run
+from .._settings import Settings
 from .._urls import describe_url
 
 
@@ -32,8 +33,11 @@ class DatabaseState:
     """The revisions in the version table; empty for a new database."""
 
 
-def read_state(config: ConfigLike, **settings: Any) -> DatabaseState:
-    """The current revision(s), read without a write lock and without creating the file."""
+def read_state(
+    config: ConfigLike, settings: Settings | Mapping[str, Any] | None = None
+) -> DatabaseState:
+    """The current revision(s), read without a write lock and without creating the file.
+    ``settings``: resolved already (status), or keyword settings to resolve once."""
     cfg = _as_config(config)
     script = ScriptDirectory.from_config(cfg)
     url = cfg.get_main_option("sqlalchemy.url") or ""
@@ -50,7 +54,7 @@ def read_state(config: ConfigLike, **settings: Any) -> DatabaseState:
             seen["path"] = database_file(connection)  # "": a server database has no file
         return []
 
-    _run(cfg, script, look, dict(settings), dont_mutate=True)
+    _run(cfg, script, look, settings if settings is not None else {}, dont_mutate=True)
     return DatabaseState(seen.get("url", describe_url(url)), seen.get("path", ""), True,
                          seen.get("heads", ()))
 

@@ -317,7 +317,7 @@ def _cmd_current(args: argparse.Namespace) -> int:
     from ._inspect import read_state, script_heads
 
     config = _config(args)
-    state = read_state(config, **_settings(args))
+    state = read_state(config, _settings(args))
     heads = set(script_heads(config))
     if not state.current:
         print("base (no revision)")

@@ -9,6 +9,7 @@ itself (closing a descriptor of the database would drop SQLite's locks in this p
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -109,14 +110,17 @@ def gather(config: Config, **settings: Any) -> StatusReport:
     # An operator asking "what is going on" wants the answer now: a database locked by
     # a writer is reported as such after a moment, with who migrates it, not waited out.
     resolved = resolve_settings(config, settings)
-    settings.setdefault("busy_timeout_s", min(resolved.policy.busy_timeout_s, STATUS_READ_WAIT_S))
+    if "busy_timeout_s" not in settings:  # a --busy_timeout_s flag wins
+        wait_s = min(resolved.policy.busy_timeout_s, STATUS_READ_WAIT_S)
+        resolved = dataclasses.replace(
+            resolved, policy=dataclasses.replace(resolved.policy, busy_timeout_s=wait_s))
     script = ScriptDirectory.from_config(config)
     heads = list(script.get_heads())
     current: list[str] | None
     pending: list[str] | None
     problem = None
     try:
-        state = read_state(config, **settings)
+        state = read_state(config, resolved)
     except LockTimeout:
         url = config.get_main_option("sqlalchemy.url") or ""
         state = DatabaseState(describe_url(url), database_path(url) or "", True, ())

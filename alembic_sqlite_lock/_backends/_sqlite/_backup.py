@@ -115,6 +115,14 @@ def make(database_path: str, directory: str, before: Iterable[str],
         # The owner of the file SQLite has locked, not of whatever is at the path now:
         # the backup and its folder are handed to that owner and its group.
         owner = Owner.of_locked(database_path)
+    except UnsafeSideFile as error:
+        msg = (
+            f"Could not back up {database_path} before migrating: {error}. Nothing was "
+            "migrated. Someone who may write its folder replaced the database file during "
+            "the run: check who else can write that folder, keep it to the users trusted "
+            "with the database, then run again."
+        )
+        raise BackupFailed(msg, database_path=database_path, backup_dir=directory) from error
     except OSError as error:
         raise _failed(database_path, directory, error) from error
     try:

@@ -26,8 +26,11 @@ from ._env import run_migrations
 from ._errors import (
     BackupFailed,
     ConfigurationError,
+    DatabaseUnreadable,
     DatabaseUnusable,
     LockFileUnusable,
+    LockLost,
+    LockNotTaken,
     LockTimeout,
     MigrationError,
     MigrationLockError,
@@ -42,8 +45,11 @@ from ._version import __version__
 __all__ = [
     "BackupFailed",
     "ConfigurationError",
+    "DatabaseUnreadable",
     "DatabaseUnusable",
     "LockFileUnusable",
+    "LockLost",
+    "LockNotTaken",
     "LockTimeout",
     "MigrationError",
     "MigrationLockError",

@@ -23,10 +23,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
+from ._alembic import StepsFn, downgrade_revs, stamp_revs, upgrade_revs
 from ._env import STATE_KEY, RunState
 from ._errors import ConfigurationError
-from ._progress import StepsFn
 from ._settings import SETTINGS_KEY, Settings, SettingsKeywords, resolve_settings
+from ._steps import requiring_run_migrations
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -58,8 +59,7 @@ def upgrade(
     starting_rev, revision = _split_range(revision, sql=sql)
 
     def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
-        # alembic.command passes the heads tuple here too, despite the annotation.
-        return script._upgrade_revs(revision, heads)  # type: ignore[arg-type]
+        return upgrade_revs(script, revision, heads)
 
     return _run(cfg, script, steps, settings, as_sql=sql, starting_rev=starting_rev,
                 destination_rev=revision, tag=tag)
@@ -81,7 +81,7 @@ def downgrade(
     starting_rev, revision = _split_range(revision, sql=sql)
 
     def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
-        return script._downgrade_revs(revision, heads)  # type: ignore[arg-type]
+        return downgrade_revs(script, revision, heads)
 
     return _run(cfg, script, steps, settings, as_sql=sql, starting_rev=starting_rev,
                 destination_rev=revision, tag=tag)
@@ -115,7 +115,7 @@ def stamp(
         destinations.append(destination)
 
     def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
-        return script._stamp_revs(tuple(destinations), heads)
+        return stamp_revs(script, tuple(destinations), heads)
 
     return _run(cfg, script, steps, settings, as_sql=sql, starting_rev=starting_rev,
                 destination_rev=tuple(destinations), tag=tag, purge=purge)
@@ -162,11 +162,11 @@ def _run(
     state = RunState(held_opts={"dont_mutate": False, "purge": opts.pop("purge", False)})
     opts["dont_mutate"] = True
 
-    def guarded(heads: tuple[str, ...], context: MigrationContext) -> Iterable[Any]:
-        if not state.inside:
-            raise _unprotected(script)
-        return steps(heads, context)
-
+    # The innermost wrapper of the command's work function (see _steps.py): Alembic
+    # holds it from here on, whatever env.py does.
+    guarded = requiring_run_migrations(
+        steps, inside=lambda: state.inside, refused=lambda: _unprotected(script)
+    )
     with _PROCESS_MUTEX:
         saved = {key: config.attributes.get(key) for key in (SETTINGS_KEY, STATE_KEY)}
         config.attributes[SETTINGS_KEY] = settings

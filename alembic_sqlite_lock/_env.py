@@ -32,22 +32,14 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, MetaData, String, Table, exc, select
 from sqlalchemy.engine import Connection
 
-from . import _revisions
+from . import _alembic, _steps
+from ._alembic import StepsFn
 from ._backends import Backend, RunOptions, SideFiles, bad_url, open_backend
 from ._errors import ConfigurationError, MigrationLockError, RollbackFailed, busy_reading
-from ._progress import (
-    Progress,
-    StepsFn,
-    describe,
-    log_applied,
-    logging_steps,
-    migration_error,
-    revisions,
-)
+from ._progress import Progress, describe, log_applied, migration_error, revisions
 from ._retry import RetryPolicy, acquire
 from ._settings import Settings, run_settings
 from ._signals import Termination, terminate_as_exit
-from ._targets import pin_relative_target
 from ._urls import describe_url
 
 __all__ = ["STATE_KEY", "RunState", "describe_url", "run_migrations"]
@@ -96,23 +88,22 @@ def run_migrations(
     # upgrade() hides the options that make Alembic write before it calls the command's
     # work function (the version table on a fresh file, --purge); only an env.py that
     # comes through here gets them back.
-    env.context_opts.update(state.held_opts)
+    _alembic.update_options(env, state.held_opts)
     try:
         kwargs = dict(configure_kwargs, target_metadata=target_metadata)
         settings = run_settings(env.config)  # resolved once per run; bad ones fail offline too
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
-            with _revisions.guarding_revisions(env, settings.allow_unknown_revision):
-                _OnlineRun(env, kwargs, state, settings).run()
+            _OnlineRun(env, kwargs, state, settings).run()
     finally:
         state.inside = False
 
 
 def _environment(context: Any) -> EnvironmentContext:
     """Accept ``alembic.context`` (the module proxy env.py has) or the instance itself."""
-    env = context if isinstance(context, EnvironmentContext) else getattr(context, "_proxy", None)
-    if not isinstance(env, EnvironmentContext):
+    env = _alembic.environment_of(context)
+    if env is None:
         msg = (
             "run_migrations(context, ...) must be called from env.py while an Alembic "
             "command runs, with `from alembic import context` as its first argument."
@@ -150,14 +141,19 @@ class _OnlineRun:
             version_table_schema=kwargs.get("version_table_schema"),
         )
         self.wait_while_alive = settings.wait_while_holder_alive
-        self.command_fn: StepsFn = env.context_opts["fn"]
+        self.command: StepsFn = _alembic.work_function(env)
+        """The command's work function as Alembic was given it (see _steps.py)."""
+        self.seen: _steps.Seen | None = None
+        """What the first look found, once it found work to do."""
+        self.command_fn: StepsFn = self._work_function()
+        """What the looks ask for the steps: pinned to a relative target once seen."""
         self.looked: MigrationContext | None = None
         """The first look's context, once it found work to do."""
         self.work_certain = False
         """The run this worker waited for will leave work for it (the holder record)."""
         # upgrade, downgrade and stamp name a destination; current, check and
         # autogenerate do not, and get no "nothing to do" line.
-        self.migrates = "destination_rev" in env.context_opts
+        self.migrates = _alembic.names_destination(env)
         self.stop = Termination()
         """What a SIGTERM during the locked run finds (replaced by the one that listens)."""
 
@@ -183,7 +179,7 @@ class _OnlineRun:
                 self._resolve_target_before_creating(section.get("sqlalchemy.url", ""))
             # purge empties the version table before the command looks at it, which is
             # a write: such a run goes straight to the lock.
-            purge = bool(self.env.context_opts.get("purge"))
+            purge = _alembic.purges(self.env)
             if not purge and self._finished_unlocked(source):
                 return
             # The holder record (who migrates, for waiters and `status`) and the opt-in
@@ -217,6 +213,15 @@ class _OnlineRun:
         finally:
             source.close()
 
+    def _work_function(self, logged: _steps.Logged | None = None) -> StepsFn:
+        return _steps.work_function(
+            self.command,
+            self.env.script,
+            allow_unknown=self.settings.allow_unknown_revision,
+            seen=self.seen,
+            logged=logged,
+        )
+
     def _resolve_target_before_creating(self, url: str) -> None:
         """A database file that does not exist yet is at no revision: resolve the
         command's target from there before the first connection creates the file, so a
@@ -240,13 +245,8 @@ class _OnlineRun:
                 if steps:
                     connection.rollback()
                     self.looked = migration_context
-                    self.command_fn = pin_relative_target(
-                        self.command_fn,
-                        self.env.script,
-                        self.env.context_opts.get("destination_rev"),
-                        heads,
-                        steps,
-                    )
+                    self.seen = _steps.Seen(_alembic.destination(self.env), heads, steps)
+                    self.command_fn = self._work_function()
                     return False
                 connection.commit()
         except exc.DBAPIError as error:
@@ -344,8 +344,7 @@ class _OnlineRun:
             )
             per_migration = False
         progress = Progress()
-        self.env.context_opts["fn"] = logging_steps(
-            self.command_fn,
+        logged = _steps.Logged(
             progress,
             migrates=self.migrates,
             saw_work=saw_work,
@@ -353,7 +352,7 @@ class _OnlineRun:
             # Between revisions that commit on their own, the run lock keeps others out.
             between_steps=source.check_midway if per_migration else None,
         )
-        try:
+        with _steps.installed(self.env, self._work_function(logged)):
             try:
                 connection = acquire(
                     lambda timeout_s: source.try_lock(
@@ -395,8 +394,6 @@ class _OnlineRun:
                 sidecar.finished()  # if the run failed (the record is true only while held)
                 source.release(connection)  # after COMMIT or ROLLBACK
                 stop_watching()  # after the release: a waiter may be taking the lock
-        finally:
-            self.env.context_opts["fn"] = self.command_fn
 
     def _migrate(
         self, source: Backend, connection: Connection, *, before_commit: Callable[[], None]
@@ -413,14 +410,14 @@ class _OnlineRun:
             # alone (no COMMIT per revision). autocommit_block() wants to commit "its"
             # transaction first and begin a new one after: let it see ours. The lock
             # that outlives the transaction keeps other workers out during the block.
-            migration_context._transaction = connection.get_transaction()
-            migration_context.autocommit_block = _checked_autocommit(  # type: ignore[method-assign]
-                migration_context.autocommit_block, source
+            _alembic.adopt_transaction(migration_context, connection)
+            _alembic.replace_autocommit_block(
+                migration_context, lambda block: _checked_autocommit(block, source)
             )
         elif not source.run_long_lock:
             # Alembic would fail on a bare assertion; say why and what to do instead.
-            migration_context.autocommit_block = _autocommit_refused(  # type: ignore[method-assign]
-                source
+            _alembic.replace_autocommit_block(
+                migration_context, lambda _block: _autocommit_refused(source)
             )
         self.env.run_migrations()
         source.before_commit(connection)

@@ -138,6 +138,38 @@ class DatabaseUnusable(MigrationLockError):
         self.path = path
 
 
+class DatabaseUnreadable(MigrationLockError):
+    """The database's migration state cannot be read at all (the server or the file
+    refused: unreachable, bad credentials, no such database, not readable); the message
+    quotes the database's own error. Nothing was migrated."""
+
+    def __init__(self, message: str, *, url: str) -> None:
+        super().__init__(message)
+        self.url = url
+
+
+class LockNotTaken(MigrationLockError):
+    """The database failed to take the migration lock, rather than timing out waiting
+    for it (MySQL's ``GET_LOCK`` returned NULL: out of memory, or its connection was
+    killed while waiting). Nothing was migrated."""
+
+    def __init__(self, message: str, *, url: str, lock_name: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.lock_name = lock_name
+
+
+class LockLost(MigrationLockError):
+    """The migration lock was lost during the run (on MySQL, its connection was closed
+    or killed), so another worker may have migrated at the same time; the run was rolled
+    back before its COMMIT."""
+
+    def __init__(self, message: str, *, url: str, lock_name: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.lock_name = lock_name
+
+
 class BackupFailed(MigrationLockError):
     """The opt-in backup (``backup_dir``) could not be written; nothing was migrated."""
 

@@ -7,14 +7,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from alembic.runtime.migration import MigrationContext, MigrationStep, RevisionStep
+from alembic.runtime.migration import MigrationContext, RevisionStep
 
+from ._alembic import StepsFn
 from ._errors import MigrationError
 from ._revisions import one_line
 
 logger = logging.getLogger(__name__)
-
-StepsFn = Callable[[tuple[str, ...], MigrationContext], Iterable[MigrationStep]]
 
 
 @dataclass
@@ -36,7 +35,8 @@ def logging_steps(
     on_steps: Callable[[tuple[str, ...], list[Any]], None] | None = None,
     between_steps: Callable[[], None] | None = None,
 ) -> StepsFn:
-    """Wrap a command's work function: log each step before Alembic runs it.
+    """Wrap a command's work function: log each step before Alembic runs it (layer 1
+    of _steps.py, the outermost).
 
     ``on_steps(heads, steps)`` runs once the steps are known, before the first one;
     ``between_steps()`` before each later one (after the previous one was written).

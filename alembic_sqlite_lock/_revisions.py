@@ -8,11 +8,9 @@ newer schema when ``allow_unknown_revision`` says so).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Any
 
-from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from alembic.script.revision import MultipleHeads, ResolutionError
 from alembic.util import CommandError
@@ -43,19 +41,9 @@ def one_line(error: BaseException) -> str:
 
 
 # Revisions --------------------------------------------------------------------------------
-@contextmanager
-def guarding_revisions(env: EnvironmentContext, allow_unknown: bool) -> Iterator[None]:
-    """While inside, the command's work function explains revision errors."""
-    original = env.context_opts["fn"]
-    env.context_opts["fn"] = revision_guard(original, env.script, allow_unknown=allow_unknown)
-    try:
-        yield
-    finally:
-        env.context_opts["fn"] = original
-
-
 def revision_guard(fn: Any, script: ScriptDirectory, *, allow_unknown: bool) -> Any:
-    """Wrap a command's work function: clear errors for revisions nobody can find.
+    """Wrap a command's work function: clear errors for revisions nobody can find
+    (layer 3 of _steps.py).
 
     A database at a revision the code does not have is the classic rolling deploy or
     code rollback: an older release boots against a schema a newer one migrated. With

@@ -16,7 +16,7 @@ from typing import Any
 from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import ScriptDirectory
 
-from ._progress import StepsFn
+from ._alembic import StepsFn, downgrade_revs, upgrade_revs
 
 _RELATIVE = re.compile(r"[+-]\d+$")
 
@@ -28,7 +28,8 @@ def pin_relative_target(
     heads_seen: tuple[str, ...],
     steps_seen: Sequence[Any],
 ) -> StepsFn:
-    """``command_fn``, or a version of it that heads for the absolute revision."""
+    """``command_fn``, or a version of it that heads for the absolute revision (layer 2
+    of _steps.py)."""
     if not (isinstance(destination, str) and _RELATIVE.search(destination) and steps_seen):
         return command_fn
     last = steps_seen[-1]
@@ -47,7 +48,7 @@ def pin_relative_target(
             return command_fn(heads, context)
         if last.is_upgrade:
             # Alembic returns no steps when the target is already below the heads.
-            return script._upgrade_revs(target, heads)  # type: ignore[arg-type]
+            return upgrade_revs(script, target, heads)
         if not heads:
             return []  # already at base
         below_or_at = {
@@ -55,6 +56,6 @@ def pin_relative_target(
         }
         if target != "base" and target not in below_or_at:
             return []  # another worker already went further down
-        return script._downgrade_revs(target, heads)  # type: ignore[arg-type]
+        return downgrade_revs(script, target, heads)
 
     return steps

@@ -6,12 +6,14 @@
   a function of the registry (``_backends/__init__.py``), the only place that looks at a
   dialect.
 * ``_backends/_base.py``, the protocol every backend implements, imports no backend.
+* Alembic's private API (underscore attributes of its objects, ``context_opts``, the
+  ``autocommit_block`` we replace) is touched by ``_alembic.py`` alone.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,3 +249,84 @@ def test_the_protocol_imports_no_backend() -> None:
     wrong = [f"line {i.line}: {i.target}" for i in imports_of(base)
              if i.target == BACKENDS or i.target.startswith(BACKENDS + ".")]
     assert not wrong, "_backends/_base.py imports a backend:\n" + "\n".join(wrong)
+
+
+# Alembic's private API -------------------------------------------------------------------
+ALEMBIC_SHIM = f"{PACKAGE}._alembic"
+ALEMBIC_INTERNALS = {"context_opts"}
+"""Alembic attributes without an underscore that are still its internals to us."""
+REPLACED = {"autocommit_block"}
+"""Alembic methods we replace on an instance."""
+_BY_NAME = {"getattr", "setattr", "hasattr", "delattr"}
+
+
+def _own_module_names(module: Module) -> set[str]:
+    """The names ``module`` binds to modules of the package (``from . import _x``)."""
+    names = set()
+    for node in _import_nodes(module.tree):
+        for alias in node.names:
+            if isinstance(node, ast.Import):
+                if alias.name.split(".")[0] == PACKAGE:
+                    names.add(alias.asname or alias.name.split(".")[0])
+            elif node.level or (node.module or "").split(".")[0] == PACKAGE:
+                names.add(alias.asname or alias.name)
+    return {name for name in names if name.startswith("_")}
+
+
+def private_uses(tree: ast.AST, own: Collection[str] = ()) -> Iterator[tuple[int, str]]:
+    """(line, what) for each use of another library's private API: an underscore
+    attribute of anything but ``self``, ``cls`` or a module of ours (``own``), the same
+    by name (``getattr(x, "_y")``), ``context_opts``, and an assignment that replaces
+    ``autocommit_block``."""
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Attribute):
+            if node.attr in ALEMBIC_INTERNALS:
+                yield line, f".{node.attr}"
+            elif node.attr.startswith("_") and not node.attr.startswith("__") and not (
+                isinstance(node.value, ast.Name) and node.value.id in {"self", "cls", *own}
+            ):
+                yield line, f"{ast.unparse(node)}"
+            if node.attr in REPLACED and isinstance(node.ctx, ast.Store):
+                yield line, f"{ast.unparse(node)} = ..."
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in _BY_NAME and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+                and (node.args[1].value.startswith("_")
+                     or node.args[1].value in ALEMBIC_INTERNALS | REPLACED)):
+            yield line, f"{node.func.id}(..., {node.args[1].value!r})"
+
+
+def test_the_private_use_finder_finds_each_kind() -> None:
+    source = (
+        "script._upgrade_revs('head', heads)\n"
+        "env = getattr(context, '_proxy', None)\n"
+        "env.context_opts['fn'] = fn\n"
+        "migration_context._transaction = connection.get_transaction()\n"
+        "migration_context.autocommit_block = checked\n"
+        "self.env._proxy\n"
+    )
+    found = [line for line, _ in private_uses(ast.parse(source))]
+    assert sorted(set(found)) == [1, 2, 3, 4, 5, 6]
+    allowed = "self._held\ncls._cache\n_diagnose._wrong_place(path)\nx.__name__\n"
+    assert list(private_uses(ast.parse(allowed), {"_diagnose"})) == []
+
+
+def test_the_alembic_shim_is_where_the_private_api_is_used() -> None:
+    found = {what for _, what in private_uses(MODULES[ALEMBIC_SHIM].tree)}
+    assert {"script._upgrade_revs", "script._downgrade_revs", "script._stamp_revs",
+            "getattr(..., '_proxy')", ".context_opts",
+            "migration_context._transaction"} <= found
+
+
+@pytest.mark.parametrize(
+    "module", [m for m in MODULES.values() if m.name != ALEMBIC_SHIM], ids=lambda m: m.name
+)
+def test_only_the_alembic_shim_touches_alembic_internals(module: Module) -> None:
+    found = [f"{module.path.name}:{line}: {what}"
+             for line, what in private_uses(module.tree, _own_module_names(module))]
+    assert not found, (
+        "Alembic's private API goes through a named function of _alembic.py (add one "
+        "there), so that one file changes when Alembic does:\n" + "\n".join(found)
+    )

@@ -3,28 +3,42 @@
 A worker pool or a process supervisor gets an error from a child through pickle; the
 type, the message and the facts it carries (url, attempts, waited_s, holder, revision)
 must arrive as they left. The round trips below go through a real child process.
+
+Each condition has its own class, built where it is raised: every class of _errors.py
+is exported and in the reference's Errors table, and no module raises the bare base.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import multiprocessing
 import queue
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic.util import CommandError
+from conftest import REPO
 
+import alembic_sqlite_lock
 from alembic_sqlite_lock import (
     ConfigurationError,
+    DatabaseUnreadable,
+    LockLost,
+    LockNotTaken,
     LockTimeout,
     MigrationError,
     MigrationLockError,
     RollbackFailed,
+    _errors,
 )
 from alembic_sqlite_lock._errors import lock_timeout
 
 URL = "sqlite:////srv/app/app.db"
-FIELDS = ("url", "attempts", "waited_s", "holder", "revision")
+SERVER_URL = "mysql+pymysql://app:***@db/app"
+FIELDS = ("url", "attempts", "waited_s", "holder", "revision", "lock_name")
 
 # spawn, not fork: the child starts from nothing and must rebuild every error from the
 # pickle alone, as a process on another interpreter would.
@@ -38,6 +52,9 @@ def sample_errors() -> list[MigrationLockError]:
         ConfigurationError("Setting deadline_s must be a finite number of seconds > 0."),
         LockTimeout("could not lock", url=URL, attempts=7, waited_s=61.25, holder="pid 4242"),
         lock_timeout(URL, 10, 103.5),
+        DatabaseUnreadable("could not read the migration state", url=SERVER_URL),
+        LockNotTaken("GET_LOCK returned NULL", url=SERVER_URL, lock_name="alembic.app"),
+        LockLost("the lock was lost", url=SERVER_URL, lock_name="alembic.app"),
         MigrationError("0009 failed", url=URL, revision="0009"),
         MigrationError("run failed before commit", url=URL),
         RollbackFailed("rollback failed too", url=URL, revision="0006"),
@@ -89,12 +106,70 @@ def through_a_process() -> dict[str, list[BaseException]]:
     return received
 
 
-@pytest.mark.parametrize(
-    "cls", [MigrationLockError, ConfigurationError, LockTimeout, MigrationError, RollbackFailed]
-)
+def error_classes() -> list[type[MigrationLockError]]:
+    """Every error class _errors.py defines."""
+    return [cls for _, cls in inspect.getmembers(_errors, inspect.isclass)
+            if issubclass(cls, MigrationLockError) and cls.__module__ == _errors.__name__]
+
+
+@pytest.mark.parametrize("cls", error_classes(), ids=lambda cls: cls.__name__)
 def test_every_error_is_a_command_error_and_a_migration_lock_error(cls: type) -> None:
     assert issubclass(cls, CommandError)
     assert issubclass(cls, MigrationLockError)
+
+
+def documented_errors() -> set[str]:
+    """The names in the first column of the reference's Errors table."""
+    text = (REPO / "docs" / "reference.md").read_text(encoding="utf-8")
+    section = text.split("\n## Errors\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(\w+)`", section, flags=re.MULTILINE))
+
+
+@pytest.mark.parametrize("cls", error_classes(), ids=lambda cls: cls.__name__)
+def test_every_error_class_is_exported_and_documented(cls: type) -> None:
+    assert cls.__name__ in alembic_sqlite_lock.__all__
+    assert getattr(alembic_sqlite_lock, cls.__name__) is cls
+    assert cls.__doc__, f"{cls.__name__} has no docstring"
+    assert cls.__name__ in documented_errors(), (
+        f"{cls.__name__} is not in the Errors table of docs/reference.md"
+    )
+
+
+def test_the_errors_table_names_only_real_classes() -> None:
+    assert documented_errors() == {cls.__name__ for cls in error_classes()}
+
+
+def bare_base_errors(tree: ast.AST) -> list[int]:
+    """The lines that build a ``MigrationLockError`` itself (not a subclass)."""
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call) and (
+        (isinstance(node.func, ast.Name) and node.func.id == "MigrationLockError")
+        or (isinstance(node.func, ast.Attribute) and node.func.attr == "MigrationLockError")
+    )]
+
+
+def test_the_bare_base_finder_finds_both_spellings() -> None:
+    source = "raise MigrationLockError(msg)\nreturn _errors.MigrationLockError(msg)\n"
+    assert bare_base_errors(ast.parse(source)) == [1, 2]
+
+
+def test_no_module_raises_the_bare_base_class() -> None:
+    root = Path(alembic_sqlite_lock.__file__).parent
+    found = [
+        f"{path.relative_to(root)}:{line}"
+        for path in sorted(root.rglob("*.py"))
+        for line in bare_base_errors(ast.parse(path.read_text(encoding="utf-8")))
+    ]
+    assert not found, (
+        "Each condition gets its own subclass of MigrationLockError in _errors.py "
+        "(exported, in docs/reference.md's Errors table):\n" + "\n".join(found)
+    )
+
+
+def test_the_new_errors_carry_their_facts() -> None:
+    lost = LockLost("lost", url=SERVER_URL, lock_name="alembic.app")
+    assert (str(lost), lost.url, lost.lock_name) == ("lost", SERVER_URL, "alembic.app")
+    unreadable = DatabaseUnreadable("unreadable", url=SERVER_URL)
+    assert (str(unreadable), unreadable.url) == ("unreadable", SERVER_URL)
 
 
 def test_rollback_failed_is_a_migration_error() -> None:

@@ -195,6 +195,10 @@ def bad_url(shown: str, error: Exception, ini: str | None) -> ConfigurationError
         # Not the literal itself: in "user:password" with the "@host" forgotten,
         # SQLAlchemy takes the password for the port.
         reason = "the port is not a number"
+    elif reason.startswith("Could not parse"):
+        # "Could not parse SQLAlchemy URL from string '<the URL as written>'" (SQLAlchemy
+        # 2.0.0 quotes it whole, password and all): the URL is shown masked already.
+        reason = "SQLAlchemy cannot parse it"
     where = ini or "the Alembic configuration"
     if shown.startswith(("postgres", "mysql", "mariadb")):
         msg = (

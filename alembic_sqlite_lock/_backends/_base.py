@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, Engine
 
-from .._errors import ConfigurationError, MigrationLockError
+from .._errors import ConfigurationError, DatabaseUnreadable, MigrationLockError
 from .._retry import RetryPolicy
 from .._settings import Settings
 from .._urls import describe_url
@@ -258,12 +258,12 @@ class ServerBackend:
     def read_only(self, connection: Connection) -> None:
         pass  # the version read takes no lock there
 
-    def database_error(self, error: exc.DBAPIError) -> MigrationLockError:
+    def database_error(self, error: exc.DBAPIError) -> DatabaseUnreadable:
         msg = (
             f"Could not read the migration state of {self.url}: {error.orig}. "
             f"{self.unreadable_hint}"
         )
-        return MigrationLockError(msg)
+        return DatabaseUnreadable(msg, url=self.url)
 
     def failure_hint(self, error: BaseException) -> str:
         return ""  # the server's own error says it

@@ -27,7 +27,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
-from .._errors import RAISE_DEADLINE, ConfigurationError, MigrationLockError
+from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost, LockNotTaken
 from .._retry import LockBusy
 from .._urls import describe_url
 from ._base import Backend, RunOptions, ServerBackend, missing_driver, refuse_handed_in
@@ -129,7 +129,7 @@ class MySQLBackend(ServerBackend):
                     "failed to take the lock (out of memory, or the connection was killed "
                     "while waiting)."
                 )
-                raise MigrationLockError(msg)
+                raise LockNotTaken(msg, url=self.url, lock_name=self.name)
             if int(got) != 1:
                 raise LockBusy(f"GET_LOCK('{self.name}') timed out")
             migration = self.engine.connect()
@@ -151,7 +151,7 @@ class MySQLBackend(ServerBackend):
                 "the run (its connection was closed or killed); another worker may have "
                 "migrated at the same time. Check the schema and the version table."
             )
-            raise MigrationLockError(msg)
+            raise LockLost(msg, url=self.url, lock_name=self.name)
 
     def release(self, connection: Connection) -> None:
         lock_connection, _holder = self._held.pop(id(connection))

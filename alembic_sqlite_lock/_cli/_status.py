@@ -20,6 +20,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
+from .._alembic import upgrade_revs
 from .._backends import BackupShown, FilesBeside, HolderShown, database_path, files_beside
 from .._errors import LockTimeout
 from .._settings import resolve_settings
@@ -128,7 +129,7 @@ def gather(config: Config, **settings: Any) -> StatusReport:
     else:
         current = list(state.current)
         try:
-            steps = script._upgrade_revs("heads", state.current)  # type: ignore[arg-type]
+            steps = upgrade_revs(script, "heads", state.current)
             pending = [str(step.revision.revision) for step in steps]
         except CommandError as error:
             pending, problem = None, str(error)

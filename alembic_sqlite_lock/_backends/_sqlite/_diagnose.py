@@ -19,7 +19,7 @@ import sqlite3
 from sqlalchemy import exc
 from sqlalchemy.engine import make_url
 
-from ..._errors import DatabaseUnusable, MigrationLockError
+from ..._errors import DatabaseUnreadable, DatabaseUnusable
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _sqlite_code(error: BaseException | None) -> int | None:
 
 
 # Opening and writing the database -------------------------------------------------------
-def open_error(url: str, error: exc.DBAPIError) -> MigrationLockError:
+def open_error(url: str, error: exc.DBAPIError) -> DatabaseUnreadable | DatabaseUnusable:
     """The error for a database SQLite could not open or read."""
     path = database_file(url)
     code = _sqlite_code(error)
@@ -86,7 +86,7 @@ def open_error(url: str, error: exc.DBAPIError) -> MigrationLockError:
             f"Could not read the migration state of {url}: {error.orig}. Check that the "
             "path points at a SQLite database this user can read and write."
         )
-        return MigrationLockError(msg)
+        return DatabaseUnreadable(msg, url=url)
     return DatabaseUnusable(f"{reason} Nothing was migrated.", url=url, path=path)
 
 

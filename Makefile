@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 test-lowest: .venv-lowest/.installed
 	.venv-lowest/bin/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
-# The benchmark of issue 6 (bench/): BENCH_ARGS=--quick for a ~1.5 minute run (full: ~5).
+# The benchmark (bench/): BENCH_ARGS=--quick for a ~1.5 minute run (full: ~5).
 # Writes bench/results/bench.{md,png,json}; BENCH_ARGS=--publish also bench/latest.{md,png}.
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -1,4 +1,4 @@
-"""The benchmark of issue 6: how long N workers take to run ``upgrade head`` on SQLite.
+"""The benchmark: how long N workers take to run ``upgrade head`` on SQLite.
 
     make bench                    # full run, about 5 minutes on an idle 2-core machine
     make bench BENCH_ARGS=--quick # about 1.5 minutes, fewer repeats

@@ -10,7 +10,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .projects import REPO
+from scripts.workers import REPO
 
 
 def describe(tmp: Path) -> list[tuple[str, str]]:

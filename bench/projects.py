@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import shutil
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import alembic
+from scripts.workers import Project as DemoProject
+from scripts.workers import make_project
 
-REPO = Path(__file__).resolve().parents[1]
 STOCK_ENV_PY = Path(alembic.__file__).parent / "templates" / "generic" / "env.py"
 HEAD = "0008"
 """The demo chain's head."""
@@ -25,22 +25,7 @@ HANDOFF_HOLD_S = 0.2
 """How long the hand-off holder's revision keeps the lock."""
 
 
-@dataclass(frozen=True)
-class Project:
-    root: Path
-
-    @property
-    def ini(self) -> Path:
-        return self.root / "alembic.ini"
-
-    @property
-    def db(self) -> Path:
-        return self.root / "app.db"
-
-    @property
-    def versions(self) -> Path:
-        return self.root / "alembic" / "versions"
-
+class Project(DemoProject):
     def reset(self) -> None:
         """Remove the database and every lock file beside it: the next run is cold."""
         for suffix in ("", "-journal", "-wal", "-shm", ".migration-lock", ".lock"):
@@ -49,13 +34,11 @@ class Project:
 
 def demo_project(root: Path, *, stock: bool) -> Project:
     """A copy of the demo project (revisions 0001-0008)."""
-    root.mkdir(parents=True)
-    shutil.copytree(REPO / "alembic", root / "alembic",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
+    make_project(root)
+    project = Project(root)
     if stock:
-        shutil.copy(STOCK_ENV_PY, root / "alembic" / "env.py")
-    return Project(root)
+        shutil.copy(STOCK_ENV_PY, project.env_py)
+    return project
 
 
 def chain_project(root: Path, *, stock: bool, length: int) -> Project:

@@ -1,6 +1,6 @@
 """The table (markdown) and the plot (PNG) of a run.
 
-Floors and targets are issue 6's:
+Floors and targets (the README's Performance section states them too):
 
 * one worker: stock Alembic alone ("solo"); ours within 1.05x;
 * cold start with N workers: stock solo + stock warm start with N workers (what stock

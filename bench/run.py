@@ -12,9 +12,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from scripts.workers import REPO
+
 from . import cases, handoff, report
 from .machine import describe
-from .projects import REPO
 from .stats import Results
 from .variants import ALL, FILELOCK, OURS, STOCK
 

@@ -1,5 +1,9 @@
-"""Helpers shared by the demo, the tests and the benchmark: a throw-away Alembic project
-and N real processes released at one instant."""
+"""Helpers shared by the demo, the tests and the benchmark: a throw-away copy of the demo
+Alembic project, and N real processes (new interpreters) released at one instant.
+
+The benchmark releases workers forked after the imports instead (bench/forked.py), to
+time the migration without interpreter start-up; it makes its projects here.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GATE = REPO / "scripts" / "gated.py"
+
+
+@dataclass
+class Project:
+    """Where a copy of the demo environment keeps its files."""
+
+    root: Path
+
+    @property
+    def ini(self) -> Path:
+        return self.root / "alembic.ini"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "app.db"
+
+    @property
+    def env_py(self) -> Path:
+        return self.root / "alembic" / "env.py"
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "alembic" / "versions"
 
 
 def make_project(root: Path, *, ini_text: str | None = None) -> Path:

@@ -25,10 +25,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from faultkit import ALEMBIC  # noqa: E402
+from faultkit import ALEMBIC, hanging_revision  # noqa: E402
+from workers import Project as DemoProject  # noqa: E402
 from workers import make_project, run_together  # noqa: E402
 
-__all__ = ["REPO", "Project", "Unprivileged", "make_project", "run_together", "traced_connect"]
+__all__ = [
+    "REPO",
+    "Project",
+    "Unprivileged",
+    "applied_lines",
+    "assert_migrated_once",
+    "make_project",
+    "run_together",
+    "set_url",
+    "traced_connect",
+]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -82,27 +93,9 @@ older than 0006 while the other was past 0007, 0006's rebuild of posts failing o
 view (SQLite checks views when the rebuilt table is renamed)."""
 
 
-@dataclass
-class Project:
-    """A copy of the demo project: alembic.ini, alembic/env.py, alembic/versions/."""
-
-    root: Path
-
-    @property
-    def ini(self) -> Path:
-        return self.root / "alembic.ini"
-
-    @property
-    def db(self) -> Path:
-        return self.root / "app.db"
-
-    @property
-    def env_py(self) -> Path:
-        return self.root / "alembic" / "env.py"
-
-    @property
-    def versions(self) -> Path:
-        return self.root / "alembic" / "versions"
+class Project(DemoProject):
+    """A copy of the demo project (alembic.ini, alembic/env.py, alembic/versions/), with
+    the tests' ways to run it and to read facts back from its database."""
 
     def alembic(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """Run the real `alembic` console script of this virtualenv."""
@@ -155,10 +148,42 @@ class Project:
         return int(self.query(f"SELECT count(*) FROM {table}")[0][0])
 
 
+def set_url(project: Project, url: str) -> None:
+    """Point the project's alembic.ini at ``url``, as written (no %% escaping)."""
+    text = project.ini.read_text()
+    start = text.index("sqlalchemy.url = ")
+    end = text.index("\n", start)
+    project.ini.write_text(text[:start] + f"sqlalchemy.url = {url}" + text[end:])
+
+
+def assert_migrated_once(project: Project) -> None:
+    """The demo chain ran to its head once: one run of the data migration 0005 (its
+    row, its three tags) and the view of 0007, on any backend."""
+    assert project.version() == ["0008"]
+    assert project.count("data_migrations") == 1
+    assert project.count("tags") == 3
+    assert "post_summaries" in project.tables()
+
+
+def applied_lines(stderr: str) -> list[str]:
+    """The revisions a worker's log says it applied, in order."""
+    return re.findall(r"Applied migration: (\w+)", stderr)
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Project]:
     make_project(tmp_path / "proj")
     return Project(tmp_path / "proj")
+
+
+@pytest.fixture
+def hanging(project: Project, tmp_path: Path) -> Path:
+    """The project at 0008 plus a revision 0009 that does DDL and then hangs."""
+    assert project.alembic("upgrade", "head").returncode == 0
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    project.add_revision("0009", "0008", hanging_revision(markers))
+    return markers
 
 
 @contextmanager

@@ -7,20 +7,20 @@ missing server is a failure: CI must never pass by skipping them.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import re
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import REPO, Project, make_project
+from conftest import REPO, Project, applied_lines, make_project
 from sqlalchemy.pool import NullPool
 
 PG_ADMIN = os.environ.get("ALP_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -45,6 +45,66 @@ def admin_engine(url: str) -> sa.Engine:
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+__all__ = ["applied_lines"]  # re-exported: the server tests read workers' logs with it
+
+
+@contextmanager
+def postgresql_database(admin: sa.Engine, owner: str = "postgres") -> Iterator[str]:
+    """A new PostgreSQL database, dropped (with whoever is still connected) after."""
+    name = unique("alp")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+    try:
+        yield name
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _server_url(admin_url: str, drivername: str, database: str, user: str, password: str
+                ) -> str:
+    url = sa.make_url(admin_url).set(drivername=drivername, database=database)
+    if user:
+        url = url.set(username=user, password=password)
+    return url.render_as_string(hide_password=False)
+
+
+def postgresql_url(database: str, user: str = "", password: str = "") -> str:
+    """The URL alembic.ini gets for ``database`` on the PostgreSQL server."""
+    return _server_url(PG_ADMIN, "postgresql", database, user, password)
+
+
+def _kill_mysql_sessions(admin: sa.Engine, database: str) -> None:
+    """A killed worker's statement may still run on the server (SLEEP): end it."""
+    with admin.connect() as connection:
+        ids = connection.execute(
+            sa.text("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = :db "
+                    "AND ID <> CONNECTION_ID()"), {"db": database}
+        ).scalars().all()
+        for session in ids:
+            with contextlib.suppress(sa.exc.DBAPIError):  # it may have ended in between
+                connection.exec_driver_sql(f"KILL {int(session)}")
+
+
+@contextmanager
+def mysql_database(admin: sa.Engine) -> Iterator[str]:
+    """A new MariaDB/MySQL database; its sessions are ended and it is dropped after."""
+    name = unique("alp")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE `{name}`")
+    try:
+        yield name
+    finally:
+        _kill_mysql_sessions(admin, name)
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+def mysql_url(database: str, user: str = "", password: str = "") -> str:
+    """The URL alembic.ini gets for ``database`` on the MariaDB server."""
+    return _server_url(MY_ADMIN, "mysql", database, user, password)
 
 
 @dataclass
@@ -86,10 +146,6 @@ def server_project(root: Path, url: str) -> ServerProject:
     return ServerProject(root, url=url)
 
 
-def applied_lines(stderr: str) -> list[str]:
-    return re.findall(r"Applied migration: (\w+)", stderr)
-
-
 def alembic_popen(project: Project, *args: str, env: dict[str, str] | None = None
                   ) -> subprocess.Popen[str]:
     exe = Path(sys.executable).with_name("alembic")
@@ -127,30 +183,3 @@ def add_sleeping_revision(project: Project, rev: str, down: str, sleep_sql: str)
         f'op.create_table("t{rev}", sa.Column("id", sa.Integer, primary_key=True))',
         header=SLEEPING_REVISION_HEADER,
     )
-
-
-def check_status_and_current(project: ServerProject) -> None:
-    """`status` (text and JSON) and `current` of our CLI on a server database, before
-    and after the upgrade: the revisions, nothing about files, and never a password."""
-    cli = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
-
-    def run(*args: str) -> str:
-        result = subprocess.run([cli, "-c", str(project.ini), *args], cwd=project.root,
-                                capture_output=True, text=True, timeout=120, check=False)
-        assert result.returncode == 0, result.stdout + result.stderr
-        password = sa.make_url(project.url).password
-        assert not password or str(password) not in result.stdout + result.stderr
-        return result.stdout
-
-    assert run("current") == "base (no revision)\n"
-    report = json.loads(run("status", "--json"))
-    assert (report["current"], report["heads"]) == ([], ["0008"])
-    assert report["pending"] == ["0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008"]
-    assert report["database_path"] == ""
-    assert report["backups"] == []
-    assert subprocess.run([cli, "-c", str(project.ini), "upgrade"], cwd=project.root,
-                          capture_output=True, text=True, timeout=120, check=False
-                          ).returncode == 0
-    assert run("current") == "0008 (head)\n"
-    assert "Pending:    none, up to date" in run("status")
-    assert json.loads(run("status", "--json"))["up_to_date"] is True

@@ -1,5 +1,5 @@
 """Bad targets: one clear paragraph naming the path and the fix, a non-zero exit, no
-traceback, and nothing created or changed on disk by mistake (issue 5, item 5)."""
+traceback, and nothing created or changed on disk by mistake."""
 
 from __future__ import annotations
 

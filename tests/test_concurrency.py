@@ -1,66 +1,24 @@
-"""Many workers, one fresh SQLite file, one instant: each migration is applied once."""
+"""Many workers on one SQLite file: threads of one process, the process mutex, a file
+that does not exist yet, an app writing during the migration, both journal modes.
+
+N processes released at once on every backend are in test_backend_contract.py.
+"""
 
 from __future__ import annotations
 
-import re
+import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
-from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_REVISIONS, Project, run_together, upgrade_in_processes
+from conftest import Project, assert_migrated_once, make_project, run_together
+from faultkit import ALEMBIC, integrity, kill, wait_for
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import _commands
-
-
-def assert_migrated_once(project: Project) -> None:
-    assert project.version() == ["0008"]
-    assert project.count("data_migrations") == 1
-    assert project.count("tags") == 3
-    assert "post_summaries" in project.tables()
-
-
-def applied_lines(stderr: str) -> list[str]:
-    return re.findall(r"Applied migration: (\w+)", stderr)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [4, 10, 32])
-def test_cli_workers_started_together_apply_each_migration_once(
-    project: Project, workers: int
-) -> None:
-    results = run_together(
-        [["alembic", "-c", str(project.ini), "upgrade", "head"]] * workers,
-        cwd=project.root,
-        timeout_s=240,
-    )
-
-    for result in results:
-        assert result.returncode == 0, result.stderr
-        assert "Traceback" not in result.stderr
-    applied = Counter(rev for r in results for rev in applied_lines(r.stderr))
-    assert applied == Counter(DEMO_REVISIONS)  # every revision applied, exactly once
-    appliers = [r for r in results if applied_lines(r.stderr)]
-    assert len(appliers) == 1
-    for other in results:
-        if other is not appliers[0]:
-            assert (
-                "All migrations already applied by another worker" in other.stderr
-                or "Database already at 0008, nothing to do" in other.stderr
-            ), other.stderr
-    assert_migrated_once(project)
-
-
-@pytest.mark.parametrize("workers", [4, 10])
-def test_upgrade_in_processes_released_by_a_barrier(project: Project, workers: int) -> None:
-    """The seed's test, made real: N processes call the start-up function at once."""
-    exit_codes, applied = upgrade_in_processes(project.ini, workers)
-
-    assert exit_codes == [0] * workers
-    assert sorted(rev for revs in applied for rev in revs) == DEMO_REVISIONS
-    assert sorted(len(revs) for revs in applied) == [0] * (workers - 1) + [8]
-    assert_migrated_once(project)
 
 
 def test_upgrade_from_eight_threads_of_one_process(project: Project) -> None:
@@ -107,8 +65,6 @@ def test_process_mutex_serializes_threads(project: Project) -> None:
 
 def test_fresh_file_is_created_once(tmp_path: Path) -> None:
     """Workers racing on a database file that does not exist yet: SQLite creates it."""
-    from conftest import make_project
-
     make_project(tmp_path)
     project = Project(tmp_path)
     assert not project.db.exists()
@@ -117,3 +73,82 @@ def test_fresh_file_is_created_once(tmp_path: Path) -> None:
     )
     assert [r.returncode for r in results] == [0] * 6
     assert_migrated_once(project)
+
+
+# An application writing to the database during the migration ---------------------------
+APP = textwrap.dedent("""
+    import pathlib, sqlite3, sys, time
+    db, mode, held, done = sys.argv[1:5]
+    conn = sqlite3.connect(db, isolation_level=None, timeout=60)
+    conn.execute(f"PRAGMA journal_mode = {mode}")
+    committed = 0
+    # One long write transaction: the migration must wait it out.
+    conn.execute("BEGIN IMMEDIATE")
+    for i in range(50):
+        conn.execute("INSERT INTO app_events (note) VALUES ('long')")
+    pathlib.Path(held).touch()
+    time.sleep(2)
+    conn.execute("COMMIT")
+    committed += 50
+    # Then short writes and reads on the same open connection until the migration is over.
+    while not pathlib.Path(done).exists():
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO app_events (note) VALUES ('short')")
+        conn.execute("COMMIT")
+        committed += 1
+        conn.execute("SELECT count(*) FROM users").fetchone()
+        time.sleep(0.005)
+    print(committed)
+""")
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_an_app_write_transaction_makes_the_migration_wait_and_loses_nothing(
+    project: Project, tmp_path: Path, mode: str
+) -> None:
+    assert project.alembic("upgrade", "0004").returncode == 0
+    conn = sqlite3.connect(project.db)
+    conn.execute("CREATE TABLE app_events (id INTEGER PRIMARY KEY, note TEXT)")
+    conn.commit()
+    conn.close()
+    held, done = tmp_path / "held", tmp_path / "done"
+    app = subprocess.Popen(
+        [sys.executable, "-c", APP, str(project.db), mode, str(held), str(done)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(held.exists, "the app to hold its write transaction")
+        migration = subprocess.run(
+            [ALEMBIC, "-c", str(project.ini), "upgrade", "head"],
+            cwd=project.root, capture_output=True, text=True, timeout=120, check=False,
+        )
+        done.touch()
+        out, err = app.communicate(timeout=60)
+    finally:
+        kill(app)
+    assert migration.returncode == 0, migration.stdout + migration.stderr
+    assert app.returncode == 0, err
+    assert project.version() == ["0008"]
+    assert project.count("data_migrations") == 1
+    assert project.count("app_events") == int(out) >= 51  # every app write is there
+    assert project.query("PRAGMA journal_mode")[0][0] == mode
+    assert integrity(project.db) == "ok"
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_workers_at_once_in_both_journal_modes(project: Project, mode: str) -> None:
+    conn = sqlite3.connect(project.db)
+    assert conn.execute(f"PRAGMA journal_mode = {mode}").fetchone()[0] == mode
+    conn.close()
+
+    results = run_together(
+        [["alembic", "-c", str(project.ini), "upgrade", "head"]] * 4, cwd=project.root
+    )
+
+    assert [r.returncode for r in results] == [0] * 4, [r.stderr for r in results]
+    applying = sum(r.stderr.count("Applying migration: ") for r in results)
+    assert applying == 8
+    assert project.version() == ["0008"]
+    assert project.count("data_migrations") == 1
+    assert project.query("PRAGMA journal_mode")[0][0] == mode
+    assert integrity(project.db) == "ok"

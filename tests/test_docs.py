@@ -1,4 +1,4 @@
-"""Every code block of the README and docs/ runs, or says why it cannot (issue 8).
+"""Every code block of the README and docs/ runs, or says why it cannot.
 
 Each document runs as one test: its blocks in order, in a scratch directory of its own,
 with this virtualenv's commands first on PATH, the way a reader would follow it. What a

@@ -88,19 +88,6 @@ def test_failing_revision_in_process_raises_then_the_fixed_one_applies(
     assert migrated.count("audit_log") == 1
 
 
-def test_failure_on_a_fresh_database_leaves_no_trace(project: Project) -> None:
-    project.add_revision("0009", "0008", AUDIT_LOG + BROKEN)
-
-    result = project.alembic("upgrade", "head")
-
-    assert result.returncode != 0
-    assert "FAILED: Migration 0009" in result.stdout, output(result)
-    assert "base (no revision)" in result.stdout
-    # Eight good revisions ran first, in the same transaction: none of them remains.
-    assert project.tables() == set()  # no file, or an empty one
-    assert project.version() == []
-
-
 # PRAGMA foreign_key_check before COMMIT ------------------------------------------------
 
 

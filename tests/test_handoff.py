@@ -1,4 +1,4 @@
-"""The path between a holder's COMMIT and the next worker taking over (issue 6).
+"""The path between a holder's COMMIT and the next worker taking over.
 
 A worker that finds another worker migrating waits for that run on the shared run lock
 with a connection already open. When the holder's record says where its run is going

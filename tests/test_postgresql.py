@@ -1,7 +1,10 @@
-"""PostgreSQL: the advisory lock against the real server at 127.0.0.1:5432.
+"""PostgreSQL only: the advisory lock's key, lock_scope = transaction, lock_key, a
+holder killed mid-statement, autocommit blocks, a real role's password, against the
+real server at 127.0.0.1:5432.
 
 Each test migrates a database of its own (created and dropped here). Without a server
-the tests skip, except under CI=true, where they fail.
+the tests skip, except under CI=true, where they fail. What every backend does is in
+test_backend_contract.py.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import DEMO_REVISIONS, run_together, upgrade_in_processes
+from conftest import DEMO_REVISIONS, assert_migrated_once, run_together
 from servers import (
     PG_ADMIN,
     ServerProject,
@@ -21,14 +24,15 @@ from servers import (
     admin_engine,
     alembic_popen,
     applied_lines,
-    check_status_and_current,
+    postgresql_database,
+    postgresql_url,
     server_project,
     unique,
     wait_until,
 )
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock import LockTimeout, MigrationError
+from alembic_sqlite_lock import LockTimeout
 from alembic_sqlite_lock._backends._postgresql import key_for
 
 
@@ -39,42 +43,24 @@ def admin() -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def _create_database(admin: sa.Engine, name: str, owner: str = "postgres") -> None:
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}" OWNER "{owner}"')
-
-
-def _drop_database(admin: sa.Engine, name: str) -> None:
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture
 def database(admin: sa.Engine) -> Iterator[str]:
-    name = unique("alp")
-    _create_database(admin, name)
-    yield name
-    _drop_database(admin, name)
+    with postgresql_database(admin) as name:
+        yield name
 
 
 @pytest.fixture
 def pg_project(tmp_path: Path, database: str) -> ServerProject:
-    url = sa.make_url(PG_ADMIN).set(drivername="postgresql", database=database)
-    return server_project(tmp_path / "proj", url.render_as_string(hide_password=False))
+    return server_project(tmp_path / "proj", postgresql_url(database))
 
 
-def assert_migrated_once(project: ServerProject) -> None:
-    assert project.version() == ["0008"]
-    assert project.count("data_migrations") == 1
-    assert project.count("tags") == 3
-    assert "post_summaries" in project.tables()
-
-
-@pytest.mark.parametrize("scope", ["session", "transaction"])
-def test_ten_cli_workers_apply_each_migration_once(pg_project: ServerProject,
-                                                   scope: str) -> None:
+def test_ten_cli_workers_with_a_transaction_scoped_lock_apply_each_migration_once(
+    pg_project: ServerProject,
+) -> None:
+    """The session-scoped default is in the contract suite; the transaction-scoped lock
+    (pg_advisory_xact_lock) must serialize the same race."""
     results = run_together(
-        [["alembic", "-c", str(pg_project.ini), "-x", f"lock_scope={scope}",
+        [["alembic", "-c", str(pg_project.ini), "-x", "lock_scope=transaction",
           "upgrade", "head"]] * 10,
         cwd=pg_project.root,
     )
@@ -85,14 +71,6 @@ def test_ten_cli_workers_apply_each_migration_once(pg_project: ServerProject,
     applied = Counter(rev for r in results for rev in applied_lines(r.stderr))
     assert applied == Counter(DEMO_REVISIONS)
     assert len([r for r in results if applied_lines(r.stderr)]) == 1
-    assert_migrated_once(pg_project)
-
-
-def test_ten_upgrade_processes_apply_each_migration_once(pg_project: ServerProject) -> None:
-    exit_codes, applied = upgrade_in_processes(pg_project.ini, 10)
-
-    assert exit_codes == [0] * 10
-    assert sorted(len(revs) for revs in applied) == [0] * 9 + [8]
     assert_migrated_once(pg_project)
 
 
@@ -156,49 +134,6 @@ def test_holder_killed_mid_statement_frees_the_lock_at_once(
     assert _backend_pids(admin, database, "SELECT pg_sleep(300)%") == []
 
 
-def test_failing_migration_rolls_back_the_whole_run(pg_project: ServerProject) -> None:
-    pg_project.add_revision(
-        "0009", "0008",
-        'op.create_table("t0009", sa.Column("id", sa.Integer, primary_key=True))\n'
-        'op.execute(sa.text("SELECT 1 / 0"))',
-    )
-
-    result = pg_project.alembic("upgrade", "head")
-
-    assert result.returncode == 255
-    assert "FAILED: Migration 0009 (test revision 0009) failed on" in result.stdout
-    assert "The run was rolled back; the database is still at base" in result.stdout
-    # DDL is transactional: not even the first revisions stayed.
-    assert pg_project.tables() == set()
-
-    alembic_sqlite_lock.upgrade(pg_project.ini, "0008")
-    with pytest.raises(MigrationError) as caught:
-        alembic_sqlite_lock.upgrade(pg_project.ini)
-    assert caught.value.revision == "0009"
-    assert pg_project.version() == ["0008"]
-    assert "t0009" not in pg_project.tables()
-
-
-def test_hung_holder_gives_lock_timeout_at_the_deadline(
-    pg_project: ServerProject, database: str
-) -> None:
-    key = key_for(database, "public", "alembic_version")
-    # Advisory locks belong to one database: a hung worker is a session in the same one.
-    with pg_project.engine().connect() as hung:
-        hung.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-        with pytest.raises(LockTimeout) as caught:
-            alembic_sqlite_lock.upgrade(
-                pg_project.ini, deadline_s=2, busy_timeout_s=0.5, max_attempts=100
-            )
-    error = caught.value
-    assert error.waited_s >= 2.0
-    assert error.attempts > 1
-    assert "advisory lock" in str(error)
-    assert pg_project.version() == []
-    # The lock is free again: the next worker migrates.
-    assert alembic_sqlite_lock.upgrade(pg_project.ini) == DEMO_REVISIONS
-
-
 def test_lock_key_setting_replaces_the_key(pg_project: ServerProject) -> None:
     with pg_project.engine().connect() as hung:
         hung.execute(sa.text("SELECT pg_advisory_lock(4242)"))
@@ -215,14 +150,11 @@ def test_lock_key_setting_replaces_the_key(pg_project: ServerProject) -> None:
 
 def test_password_never_shows(tmp_path: Path, admin: sa.Engine) -> None:
     role, password = unique("alp_user"), unique("pw_secret")
-    database = unique("alp")
     with admin.connect() as connection:
         connection.exec_driver_sql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     try:
-        _create_database(admin, database, owner=role)
-        try:
-            url = f"postgresql://{role}:{password}@127.0.0.1:5432/{database}"
-            project = server_project(tmp_path / "proj", url)
+        with postgresql_database(admin, owner=role) as database:
+            project = server_project(tmp_path / "proj", postgresql_url(database, role, password))
             outputs = [project.alembic("upgrade", "0008")]
             project.add_revision("0009", "0008", 'op.execute(sa.text("SELECT 1 / 0"))')
             outputs.append(project.alembic("upgrade", "head"))
@@ -235,15 +167,9 @@ def test_password_never_shows(tmp_path: Path, admin: sa.Engine) -> None:
                 assert password not in result.stdout + result.stderr
             assert f"postgresql://{role}:***@127.0.0.1:5432/{database}" in outputs[1].stdout
             assert f"postgresql://{role}:***@" in outputs[2].stdout
-        finally:
-            _drop_database(admin, database)
     finally:
         with admin.connect() as connection:
             connection.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
-
-
-def test_status_and_current_of_our_cli(pg_project: ServerProject) -> None:
-    check_status_and_current(pg_project)
 
 
 AUTOCOMMIT_INDEX = """\

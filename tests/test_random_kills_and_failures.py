@@ -1,6 +1,6 @@
 """Property: whatever the number of workers, whoever is killed and whichever revision
 fails, the database ends at a revision the chain allows, with the schema of a solo run
-to that revision, intact, and no data migration ran twice (issue 5, item 9).
+to that revision, intact, and no data migration ran twice.
 
 Real processes (the `alembic` console script), a bounded number of examples.
 """

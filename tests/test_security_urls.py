@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import subprocess
 import sys
 import traceback
@@ -16,11 +17,20 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import REPO, make_project
-from servers import MY_ADMIN, PG_ADMIN, admin_engine, server_project, unique
+from conftest import REPO, Project, make_project, set_url
+from servers import (
+    MY_ADMIN,
+    PG_ADMIN,
+    admin_engine,
+    mysql_database,
+    postgresql_database,
+    server_project,
+    unique,
+)
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock import MigrationLockError
+from alembic_sqlite_lock import LockTimeout, MigrationError, MigrationLockError
+from alembic_sqlite_lock._errors import lock_timeout
 from alembic_sqlite_lock._urls import describe_url
 
 CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
@@ -154,24 +164,16 @@ def _assert_api_never_shows(ini: Path, caplog: pytest.LogCaptureFixture, *secret
 @pytest.fixture
 def pg_database() -> Iterator[str]:
     admin = admin_engine(PG_ADMIN)
-    name = unique("alp_sec")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    yield name
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgresql_database(admin) as name:
+        yield name
     admin.dispose()
 
 
 @pytest.fixture
 def my_database() -> Iterator[str]:
     admin = admin_engine(MY_ADMIN)
-    name = unique("alp_sec")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE `{name}`")
-    yield name
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
+    with mysql_database(admin) as name:
+        yield name
     admin.dispose()
 
 
@@ -274,3 +276,36 @@ def test_unparseable_url_never_shows_the_password(
     assert all(run.returncode != 0 for run in runs[2:])  # status may report a missing file
     _assert_never_shown(runs, SECRET, "a/b")
     _assert_api_never_shows(root / "alembic.ini", caplog, SECRET)
+
+
+# Through the demo project's ini ------------------------------------------------------------
+
+
+def test_a_password_in_a_non_sqlite_url_is_never_shown(project: Project) -> None:
+    set_url(project, f"postgresql://app:{SECRET}@db.internal:5432/app")
+    result = project.alembic("upgrade", "head")
+    assert result.returncode != 0
+    # PostgreSQL is supported; this host does not exist, and the error must not leak.
+    assert "FAILED: Could not read the migration state of" in result.stdout
+    assert "postgresql://app:***@db.internal:5432/app" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_password_in_a_sqlite_url_is_never_shown(project: Project) -> None:
+    set_url(project, f"sqlite://app:{SECRET}@//srv/app.db")
+    result = project.alembic("upgrade", "head")
+    assert result.returncode != 0
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_errors_never_carry_a_password() -> None:
+    shown = describe_url(f"postgresql://app:{SECRET}@db/app")
+    timeout = lock_timeout(shown, attempts=3, waited_s=1.5)
+    failed = MigrationError(f"Migration 0001 failed on {shown}", url=shown, revision="0001")
+    for error in (timeout, failed):
+        assert isinstance(error, (LockTimeout, MigrationError))
+        for text in (str(error), repr(error), repr(error.__dict__),
+                     repr(pickle.loads(pickle.dumps(error)).__dict__)):
+            assert SECRET not in text
+            assert "***" in text

@@ -13,11 +13,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import Project
-from faultkit import integrity
+from faultkit import integrity, kill, markers_of, start_cli, wait_for
 
 from alembic_sqlite_lock._signals import EXIT_CODE, terminate_as_exit
 
@@ -120,3 +121,53 @@ def test_sigterm_waits_for_a_commit_in_progress() -> None:
     assert reached == ["after the signal"]
     assert stopped.value.code == EXIT_CODE
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+# SIGTERM in the middle of a revision, and whose handler it is ---------------------------
+
+
+def test_sigterm_rolls_back_and_exits_non_zero(project: Project, hanging: Path) -> None:
+    holder = start_cli(project.ini, "upgrade", "head")
+    try:
+        wait_for(lambda: markers_of(hanging, "0009"), "the holder to run DDL of 0009")
+        holder.send_signal(signal.SIGTERM)
+        out, err = holder.communicate(timeout=60)
+    finally:
+        kill(holder)
+    assert holder.returncode == EXIT_CODE
+    assert "SIGTERM received during the migration run: rolled back; the database is at 0008" in err
+    assert "Traceback" not in out + err
+    # Rolled back by the process itself: no hot journal left for the next worker.
+    assert not Path(str(project.db) + "-journal").exists()
+    assert project.version() == ["0008"]
+    assert "t9" not in project.tables()
+    assert integrity(project.db) == "ok"
+
+
+def test_sigterm_handler_is_only_ours_when_nobody_else_has_one() -> None:
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with terminate_as_exit():
+        ours = signal.getsignal(signal.SIGTERM)
+        assert callable(ours)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def app_server_handler(_signum: int, _frame: object) -> None:
+        pass
+
+    signal.signal(signal.SIGTERM, app_server_handler)
+    try:
+        with terminate_as_exit():
+            assert signal.getsignal(signal.SIGTERM) is app_server_handler
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    seen: list[object] = []
+
+    def in_a_thread() -> None:
+        with terminate_as_exit():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [signal.SIG_DFL]

@@ -1,4 +1,4 @@
-"""A worker that finds the database at head (issue 6): one plain SELECT, no write lock.
+"""A worker that finds the database at head: one plain SELECT, no write lock.
 
 Stock Alembic reads the version with a ``has_table`` reflection and then a SELECT that
 SQLAlchemy compiles on first use; the look here reads the same rows with one SELECT on

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import DEMO_REVISIONS, assert_migrated_once, run_together
+from conftest import DEMO_REVISIONS, assert_migrated_once, make_project, run_together
 from servers import (
     PG_ADMIN,
     ServerProject,
@@ -197,3 +197,21 @@ def test_autocommit_block_needs_a_session_scoped_lock(
     assert "uses autocommit_block()" in result.stdout, result.stdout
     assert "Use lock_scope = session" in result.stdout
     assert pg_project.version() == ["0008"]
+
+
+@pytest.mark.parametrize(("driver", "extra"), [("postgresql+pg8000", "postgresql"),
+                                               ("mysql+mysqldb", "mysql")])
+def test_a_driver_that_is_not_installed_names_the_package(
+    tmp_path: Path, driver: str, extra: str
+) -> None:
+    """Every backend builds its engine in one place; a missing driver is a clear error
+    naming our extra, not an ImportError traceback, and nothing is run."""
+    ini = make_project(tmp_path / "proj")
+    ini.write_text(ini.read_text().replace("sqlite:///%(here)s/app.db",
+                                           f"{driver}://u:s3cret@127.0.0.1/test"))
+    with pytest.raises(alembic_sqlite_lock.ConfigurationError) as caught:
+        alembic_sqlite_lock.upgrade(ini)
+    message = str(caught.value)
+    assert "is not installed" in message
+    assert f"pip install 'alembic-sqlite-lock[{extra}]'" in message
+    assert "s3cret" not in message

@@ -13,13 +13,14 @@ made, how the lock is taken and released, and what a failure leaves behind:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import exc
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import URL, Connection, Engine, engine_from_config
+from sqlalchemy.pool import NullPool
 
 from .._errors import ConfigurationError, DatabaseUnreadable, MigrationLockError
 from .._retry import RetryPolicy
@@ -360,6 +361,25 @@ class RunOptions:
     lock_scope: str
     version_table: str
     version_table_schema: str | None
+
+
+def migration_engine(
+    section: Mapping[str, str], url: URL, *, extra: str | None = None, **options: Any
+) -> Engine:
+    """The engine a run migrates through, made the same way for every database: the
+    alembic.ini section's ``sqlalchemy.*`` options with ``url`` (the backend's migration
+    URL) as sqlalchemy.url, and a new connection for every attempt (NullPool), so that a
+    connection that waited in vain for the lock is never reused and nothing stays open
+    between runs. ``options`` are the backend's own; ``extra`` names our pip extra that
+    installs its driver, for the error when the driver is missing."""
+    config = dict(section)
+    config["sqlalchemy.url"] = url.render_as_string(hide_password=False)
+    try:
+        return engine_from_config(config, prefix="sqlalchemy.", poolclass=NullPool, **options)
+    except ImportError as error:
+        if extra is None:
+            raise
+        raise missing_driver(section["sqlalchemy.url"], error, extra) from error
 
 
 def missing_driver(url: str, error: ImportError, extra: str) -> ConfigurationError:

@@ -24,13 +24,12 @@ import logging
 from collections.abc import Callable, Mapping
 
 from sqlalchemy import exc, text
-from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost, LockNotTaken
 from .._retry import LockBusy
 from .._urls import describe_url
-from ._base import Backend, RunOptions, ServerBackend, missing_driver, refuse_handed_in
+from ._base import Backend, RunOptions, ServerBackend, migration_engine, refuse_handed_in
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +53,7 @@ def migration_url(url: str | URL) -> URL:
 
 
 def create_engine(section: Mapping[str, str]) -> Engine:
-    options = dict(section)
-    options["sqlalchemy.url"] = migration_url(options["sqlalchemy.url"]).render_as_string(
-        hide_password=False
-    )
-    try:
-        return engine_from_config(options, prefix="sqlalchemy.", poolclass=NullPool)
-    except ImportError as error:
-        raise missing_driver(section["sqlalchemy.url"], error, "mysql") from error
+    return migration_engine(section, migration_url(section["sqlalchemy.url"]), extra="mysql")
 
 
 class MySQLBackend(ServerBackend):

@@ -34,13 +34,12 @@ import logging
 from collections.abc import Callable, Mapping
 
 from sqlalchemy import exc, text
-from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .._errors import RAISE_DEADLINE, ConfigurationError
 from .._retry import LockBusy
 from .._urls import describe_url
-from ._base import Backend, RunOptions, ServerBackend, missing_driver, refuse_handed_in
+from ._base import Backend, RunOptions, ServerBackend, migration_engine, refuse_handed_in
 
 logger = logging.getLogger(__name__)
 
@@ -82,22 +81,12 @@ def migration_url(url: str | URL) -> URL:
 
 
 def create_engine(section: Mapping[str, str], extra: str) -> Engine:
-    options = dict(section)
-    options["sqlalchemy.url"] = migration_url(options["sqlalchemy.url"]).render_as_string(
-        hide_password=False
+    return migration_engine(
+        section, migration_url(section["sqlalchemy.url"]), extra=extra,
+        # The version is read after the lock is taken; under REPEATABLE READ the
+        # snapshot could predate the previous holder's commit.
+        isolation_level="READ COMMITTED",
     )
-    try:
-        return engine_from_config(
-            options,
-            prefix="sqlalchemy.",
-            # A new connection per attempt: a session that waited in vain is closed.
-            poolclass=NullPool,
-            # The version is read after the lock is taken; under REPEATABLE READ the
-            # snapshot could predate the previous holder's commit.
-            isolation_level="READ COMMITTED",
-        )
-    except ImportError as error:
-        raise missing_driver(section["sqlalchemy.url"], error, extra) from error
 
 
 class PostgresBackend(ServerBackend):

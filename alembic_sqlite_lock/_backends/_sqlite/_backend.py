@@ -23,14 +23,13 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from sqlalchemy import event, exc
-from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from ..._errors import RAISE_DEADLINE, ConfigurationError, LockFileUnusable, MigrationLockError
 from ..._retry import LockBusy, RetryPolicy
 from ..._settings import Settings
 from ..._urls import describe_url
-from .._base import SideFiles, autocommit_refused
+from .._base import SideFiles, autocommit_refused, migration_engine
 from . import _diagnose, _sidefile
 from ._runlock import RunLock, Unusable, lock_path_for
 from ._sidecar import Sidecar
@@ -89,16 +88,8 @@ def create_engine(section: Mapping[str, str]) -> Engine:
 
     ``section`` is the alembic.ini section holding ``sqlalchemy.url`` and friends.
     """
-    options = dict(section)
-    options["sqlalchemy.url"] = migration_url(options["sqlalchemy.url"]).render_as_string(
-        hide_password=False
-    )
-    engine = engine_from_config(
-        options,
-        prefix="sqlalchemy.",
-        # A new connection for every attempt: a connection that timed out waiting is
-        # never reused, and nothing stays open between runs.
-        poolclass=NullPool,
+    engine = migration_engine(
+        section, migration_url(section["sqlalchemy.url"]),
         # pysqlite's own transaction handling issues a deferred BEGIN before DML only
         # (and none before DDL); isolation_level=None turns it off so that the BEGIN
         # we emit below is the only one.

@@ -391,6 +391,20 @@ def missing_driver(url: str, error: ImportError, extra: str) -> ConfigurationErr
     return ConfigurationError(msg)
 
 
+def open_server(
+    backend: Callable[[Mapping[str, str], RunOptions], Backend],
+    section: Mapping[str, str] | None,
+    handed_in: Connection | None,
+    options: RunOptions,
+) -> Backend:
+    """A server backend's entry in the registry: its own engine from the alembic.ini
+    section; a handed-in connection is refused for now."""
+    if handed_in is not None:
+        raise refuse_handed_in(describe_url(handed_in.engine.url))
+    assert section is not None
+    return backend(section, options)
+
+
 def refuse_handed_in(shown: str) -> ConfigurationError:
     """A connection handed in on a database whose backend cannot lock one yet."""
     msg = (

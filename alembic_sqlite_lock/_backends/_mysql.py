@@ -29,7 +29,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost, LockNotTaken
 from .._retry import LockBusy
 from .._urls import describe_url
-from ._base import Backend, RunOptions, ServerBackend, migration_engine, refuse_handed_in
+from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,4 @@ def open_backend(
     section: Mapping[str, str] | None, handed_in: Connection | None, options: RunOptions
 ) -> Backend:
     """This module's entry in the registry (``_backends.BACKENDS``)."""
-    if handed_in is not None:
-        raise refuse_handed_in(describe_url(handed_in.engine.url))
-    assert section is not None
-    return MySQLBackend(section, options)
+    return open_server(MySQLBackend, section, handed_in, options)

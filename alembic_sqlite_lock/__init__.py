@@ -16,6 +16,11 @@ At app start-up::
 In an async app's lifespan::
 
     await alembic_sqlite_lock.upgrade_async("alembic.ini")
+
+Around code that creates or migrates its own tables (a framework's start-up)::
+
+    with alembic_sqlite_lock.migration_lock("sqlite:///app.db"):
+        storage = make_storage("sqlite:///app.db")
 """
 
 import logging
@@ -39,6 +44,7 @@ from ._errors import (
     UnknownDatabaseRevision,
     UnknownRevision,
 )
+from ._lock import migration_lock, migration_lock_async
 from ._retry import RetryPolicy
 from ._version import __version__
 
@@ -60,6 +66,8 @@ __all__ = [
     "UnknownRevision",
     "__version__",
     "downgrade",
+    "migration_lock",
+    "migration_lock_async",
     "run_migrations",
     "stamp",
     "upgrade",

@@ -23,6 +23,7 @@ from sqlalchemy.engine import URL, Connection, Engine, engine_from_config
 from sqlalchemy.pool import NullPool
 
 from .._errors import ConfigurationError, DatabaseUnreadable, MigrationLockError
+from .._held import Held
 from .._retry import RetryPolicy
 from .._settings import Settings
 from .._urls import describe_url
@@ -153,6 +154,18 @@ class Backend(Protocol):
         sees an external transaction); one returned outside a transaction gets
         Alembic's own transaction handling for the dialect.
         """
+        ...
+
+    def hold(
+        self, timeout_s: float, *, still_waiting: Callable[[], None] | None = None
+    ) -> Held:
+        """One attempt at the migration lock for a ``migration_lock()`` block: the same
+        lock a run takes (SQLite: the run lock file, never SQLite's write lock; a server:
+        its lock on a dedicated session), waiting at most ``timeout_s``; raise
+        ``LockBusy`` when another worker kept it. Held until ``release()``; a process
+        killed meanwhile frees it at once (kernel flock, server session). Inside a block
+        of this flow of control that holds it already, a nested :class:`Held` that
+        holds nothing (see ``_held``); ``try_lock`` skips the lock the same way."""
         ...
 
     def timeout_causes(self, lock_file: str | None) -> str:

@@ -27,6 +27,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost, LockNotTaken
+from .._held import Held, held_here, take
 from .._retry import LockBusy
 from .._urls import describe_url
 from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
@@ -79,7 +80,9 @@ class MySQLBackend(ServerBackend):
             ).database or ""
             self.name = lock_name(database, options.version_table)
         self.engine = create_engine(section)
-        self._held: dict[int, tuple[Connection, int]] = {}
+        self._held: dict[int, tuple[Connection | None, int]] = {}
+        """Per migration connection: its lock connection and that one's id (None, 0: a
+        run inside this flow's migration_lock() block, which holds the lock)."""
         self._logged = False
 
 
@@ -105,6 +108,25 @@ class MySQLBackend(ServerBackend):
         if not self._logged:
             self._logged = True
             logger.info("MySQL lock name %r (GET_LOCK on a dedicated connection)", self.name)
+        if held_here(self._block_key()):
+            # This flow's migration_lock() block holds GET_LOCK on its own connection
+            # (taking it here would wait for ourselves): it keeps others out.
+            logger.debug("GET_LOCK('%s') is held by the enclosing migration_lock() block",
+                         self.name)
+            migration = self.engine.connect()
+            self._held[id(migration)] = (None, 0)
+            return migration
+        lock_connection, holder_id = self._get_lock(timeout_s)
+        try:
+            migration = self.engine.connect()
+        except BaseException:
+            self._let_go(lock_connection, held=True)
+            raise
+        self._held[id(migration)] = (lock_connection, holder_id)
+        return migration
+
+    def _get_lock(self, timeout_s: float) -> tuple[Connection, int]:
+        """GET_LOCK on a new connection of its own: that connection and its id."""
         # AUTOCOMMIT: the lock connection never holds a transaction open.
         lock_connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         got = None
@@ -124,16 +146,33 @@ class MySQLBackend(ServerBackend):
                 raise LockNotTaken(msg, url=self.url, lock_name=self.name)
             if int(got) != 1:
                 raise LockBusy(f"GET_LOCK('{self.name}') timed out")
-            migration = self.engine.connect()
         except BaseException:
             self._let_go(lock_connection, held=got is not None and int(got) == 1)
             raise
-        self._held[id(migration)] = (lock_connection, int(holder_id))
-        return migration
+        return lock_connection, int(holder_id)
+
+    # migration_lock(): the same name, on a connection of its own ----------------------
+    def hold(
+        self,
+        timeout_s: float,
+        *,
+        still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
+    ) -> Held:
+        def lock() -> Callable[[], None]:
+            lock_connection, _holder = self._get_lock(timeout_s)
+            return lambda: self._let_go(lock_connection, held=True)
+
+        return take(self._block_key(), lock)
+
+    def _block_key(self) -> tuple[str, ...]:
+        """The lock's identity for ``_held``: the server, and the lock's name."""
+        return ("mysql", self.engine.url.render_as_string(hide_password=True), self.name)
 
     def before_commit(self, connection: Connection) -> None:
         """The lock must still be ours: its connection could have been killed mid-run."""
         lock_connection, holder_id = self._held[id(connection)]
+        if lock_connection is None:
+            return  # the enclosing migration_lock() block's lock: its own business
         owner = lock_connection.execute(
             text("SELECT IS_USED_LOCK(:name)"), {"name": self.name}
         ).scalar()
@@ -150,7 +189,8 @@ class MySQLBackend(ServerBackend):
         try:
             connection.close()
         finally:
-            self._let_go(lock_connection, held=True)
+            if lock_connection is not None:
+                self._let_go(lock_connection, held=True)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -37,6 +37,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .._errors import RAISE_DEADLINE, ConfigurationError
+from .._held import Held, held_here, take
 from .._retry import LockBusy
 from .._urls import describe_url
 from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
@@ -112,7 +113,8 @@ class PostgresBackend(ServerBackend):
         self._key = key_from_setting(options.lock_key) if options.lock_key else None
         self.engine = create_engine(section, "postgresql")
         self._logged = False
-
+        self._nested: set[int] = set()
+        """Migration connections of runs inside this flow's migration_lock() block."""
 
     def timeout_causes(self, lock_file: str | None) -> str:
         return f"{self._timeout_causes} If a migration legitimately takes longer, {RAISE_DEADLINE}"
@@ -133,6 +135,13 @@ class PostgresBackend(ServerBackend):
         try:
             _check_client(connection)
             key = self._lock_key(connection)
+            if held_here(self._block_key(key)):
+                # This flow's migration_lock() block holds the key on its own session
+                # (taking it here would wait for ourselves): it keeps others out.
+                logger.debug("Advisory lock %d is held by the enclosing migration_lock() "
+                             "block", key)
+                self._nested.add(id(connection))
+                return connection
             _take(connection, key, timeout_s, session=self.session_scope)
             if self.session_scope:
                 # The lock is the session's: the migration transaction starts after it,
@@ -149,8 +158,10 @@ class PostgresBackend(ServerBackend):
         pass
 
     def release(self, connection: Connection) -> None:
+        nested = id(connection) in self._nested
+        self._nested.discard(id(connection))
         try:
-            if self.session_scope and self._key is not None:
+            if self.session_scope and self._key is not None and not nested:
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
                 connection.commit()
         except exc.DBAPIError as error:
@@ -160,6 +171,53 @@ class PostgresBackend(ServerBackend):
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # migration_lock(): the same key, on a session of its own ---------------------------
+    def hold(
+        self,
+        timeout_s: float,
+        *,
+        still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
+    ) -> Held:
+        connection = self.engine.connect()
+        try:
+            key = self._lock_key(connection)
+            held = take(self._block_key(key), lambda: self._hold_on(connection, key, timeout_s))
+        except BaseException:
+            connection.close()  # ends the session: a lock taken in it goes too
+            raise
+        if held.nested:
+            connection.close()
+        return held
+
+    def _hold_on(self, connection: Connection, key: int, timeout_s: float) -> Callable[[], None]:
+        """Session scope: a session lock, the connection idle outside any transaction.
+        Transaction scope (a transaction pooler): a transaction-level lock in a
+        transaction left open for the whole block, which pins the server session."""
+        _take(connection, key, timeout_s, session=self.session_scope)
+        if self.session_scope:
+            connection.commit()
+            self._still_held(connection, key)
+            connection.commit()
+
+        def release() -> None:
+            try:
+                if self.session_scope:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    connection.commit()
+                else:
+                    connection.rollback()
+            except exc.DBAPIError as error:
+                logger.debug("Releasing the advisory lock failed (%s); closing the session "
+                             "frees it", error)
+            finally:
+                connection.close()
+
+        return release
+
+    def _block_key(self, key: int) -> tuple[str, ...]:
+        """The lock's identity for ``_held``: the server and database, and the key."""
+        return ("postgresql", self.engine.url.render_as_string(hide_password=True), str(key))
 
     def _lock_key(self, connection: Connection) -> int:
         if self._key is None:

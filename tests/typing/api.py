@@ -10,9 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from alembic.config import Config
+from sqlalchemy import make_url
 
 import alembic_sqlite_lock
-from alembic_sqlite_lock import downgrade, stamp, upgrade, upgrade_async
+from alembic_sqlite_lock import (
+    downgrade,
+    migration_lock,
+    migration_lock_async,
+    stamp,
+    upgrade,
+    upgrade_async,
+)
 
 
 def correct_calls(cfg: Config) -> None:
@@ -55,3 +63,25 @@ def wrong_types(cfg: Config) -> None:
 
 async def wrong_async_type(cfg: Config) -> None:
     await upgrade_async(cfg, busy_timeout_s="2")  # type: ignore[arg-type]
+
+
+def lock_blocks(cfg: Config) -> None:
+    with migration_lock("sqlite:///app.db", deadline_s=300, wait_while_holder_alive=True):
+        upgrade(cfg)
+    with migration_lock(make_url("postgresql://db/app"), lock_key=42), migration_lock(cfg):
+        pass
+    with migration_lock(Path("alembic.ini")), migration_lock("alembic.ini"):
+        pass
+    with migration_lock(cfg, deadline=5):  # type: ignore[call-arg]
+        pass
+    with migration_lock(cfg, deadline_s="5"):  # type: ignore[arg-type]
+        pass
+    with migration_lock(42):  # type: ignore[arg-type]
+        pass
+
+
+async def async_lock_blocks(cfg: Config) -> None:
+    async with migration_lock_async(cfg, deadline_s=300):
+        await upgrade_async(cfg)
+    async with migration_lock_async(cfg, max_attempt=3):  # type: ignore[call-arg]
+        pass

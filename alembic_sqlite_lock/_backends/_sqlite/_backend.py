@@ -26,11 +26,12 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from ..._errors import RAISE_DEADLINE, ConfigurationError, LockFileUnusable, MigrationLockError
+from ..._held import Held, held_here, take
 from ..._retry import LockBusy, RetryPolicy
 from ..._settings import Settings
 from ..._urls import describe_url
 from .._base import SideFiles, autocommit_refused, migration_engine
-from . import _diagnose, _sidefile
+from . import _diagnose, _holder, _sidefile
 from ._runlock import RunLock, Unusable, lock_path_for
 from ._sidecar import Sidecar
 
@@ -338,8 +339,10 @@ class _Source:
         for the exclusive lock only to find, one after another, that the work is done."""
         give_up_at = time.monotonic() + timeout_s
         path = self._lock_path()
-        if path is None or not os.path.exists(path):
-            return False  # no run ever started here (and a look creates nothing on disk)
+        # No run ever started here (and a look creates nothing on disk), or this run's
+        # own migration_lock() block holds the run lock: nobody else runs.
+        if path is None or not os.path.exists(path) or held_here(_block_key(path)):
+            return False
         run_lock = RunLock(path)
         try:
             if run_lock.acquire(0, shared=True):  # nobody is migrating right now
@@ -397,6 +400,13 @@ class _Source:
         lock_path = self._lock_path()
         # A read-only database fails here, clearly, before the lock file is created.
         _diagnose.check_writable(self.database_path or "", self.url)
+        if lock_path is not None and held_here(_block_key(lock_path)):
+            # Inside a migration_lock() block of this flow that holds the run lock: taking
+            # it again through another descriptor would wait for ourselves. The block
+            # keeps every other worker out; SQLite's write lock is still taken below.
+            logger.debug("The run lock %s is held by the enclosing migration_lock() block",
+                         lock_path)
+            lock_path = None
         run_lock = RunLock(lock_path)
         started = time.monotonic()
         try:
@@ -450,20 +460,9 @@ class _Source:
         middle of the run? If not (a folder others may change), a run that commits
         midway is refused, and one in a single transaction goes on: SQLite's write lock
         alone keeps other workers out until its COMMIT."""
-        try:
-            problem = run_lock.midway_problem(_sidefile.Owner.of(self.database_path or ""))
-        except OSError as error:
-            problem = f"is in a folder that cannot be checked ({error.strerror})"
-        if problem is None:
+        self.run_lock_problem = self._long_lock_problem(run_lock)
+        if self.run_lock_problem is None:
             return
-        path = run_lock.path or ""
-        self.run_lock_problem = Unusable(
-            path, problem,
-            "Let only users who may write the database write its folder (chmod g-w,o-w "
-            f"{os.path.dirname(path) or '.'}), or make the folder sticky (chmod +t) with "
-            "the lock file owned by the database's owner, or move the database to such a "
-            "folder; or avoid committing in the middle of the run.",
-        )
         if needed:
             run_lock.release()
             raise lock_file_refused(
@@ -472,6 +471,77 @@ class _Source:
                 "run lock keeps other workers from starting to migrate at those commits",
                 "Nothing was migrated.",
             )
+
+    def _long_lock_problem(self, run_lock: RunLock) -> Unusable | None:
+        """Why the held run lock could not keep others out across a commit (None: it can)."""
+        try:
+            problem = run_lock.midway_problem(_sidefile.Owner.of(self.database_path or ""))
+        except OSError as error:
+            problem = f"is in a folder that cannot be checked ({error.strerror})"
+        if problem is None:
+            return None
+        path = run_lock.path or ""
+        return Unusable(
+            path, problem,
+            "Let only users who may write the database write its folder (chmod g-w,o-w "
+            f"{os.path.dirname(path) or '.'}), or make the folder sticky (chmod +t) with "
+            "the lock file owned by the database's owner, or move the database to such a "
+            "folder; or avoid committing in the middle of the run.",
+        )
+
+    # migration_lock(): the run lock alone, held across the block ----------------------
+    def hold(
+        self, timeout_s: float, *, still_waiting: Callable[[], None] | None = None
+    ) -> Held:
+        """The run lock for a migration_lock() block, never SQLite's write lock: the
+        block's own code (an ORM's engine creating its tables) writes the database."""
+        lock_path = self._lock_path()
+        if lock_path is None:
+            msg = (
+                f"migration_lock() cannot lock {self.url}: the lock is the run lock file "
+                "beside the database, and this database has none (an in-memory or "
+                "temporary database, or a system without flock). Use a database file."
+            )
+            raise ConfigurationError(msg)
+        run_lock = RunLock(lock_path)
+        return take(
+            _block_key(lock_path),
+            lambda: self._hold_run_lock(run_lock, timeout_s, still_waiting),
+            in_child=run_lock.release,
+        )
+
+    def _hold_run_lock(
+        self, run_lock: RunLock, timeout_s: float, still_waiting: Callable[[], None] | None
+    ) -> Callable[[], None]:
+        database = self.database_path or ""
+        _diagnose.check_writable(database, self.url)
+        why = (
+            "a migration_lock() block holds no transaction (its code writes the database "
+            "itself), so only the run lock keeps runs and other blocks out"
+        )
+        try:
+            got = run_lock.acquire(timeout_s, still_waiting=still_waiting)
+        except Unusable as unusable:
+            raise lock_file_refused(self.url, unusable, why, "The block did not run.") from None
+        if not got:
+            msg = f"{run_lock.path} is held by another worker"
+            raise LockBusy(msg, lock_file=run_lock.path)
+        problem = self._long_lock_problem(run_lock)
+        if problem is not None:
+            run_lock.release()
+            raise lock_file_refused(self.url, problem, why, "The block did not run.")
+        record_path = _holder.record_path_for(database)
+        record = _holder.this_process([], [])  # who holds it; the revisions are unknown
+        wrote = record_path is not None and _holder.write(record_path, record)
+
+        def release() -> None:
+            try:
+                if wrote and record_path is not None:
+                    _holder.remove(record_path, record)
+            finally:
+                run_lock.release()
+
+        return release
 
     def _without_run_lock(self, unusable: Unusable, *, needed: bool) -> None:
         """The run lock file cannot be locked: refuse a run that needs a lock outliving
@@ -685,6 +755,11 @@ class HandedIn(_Source):
 
     def close(self) -> None:
         self._restore()
+
+
+def _block_key(lock_path: str) -> tuple[str, ...]:
+    """The identity of the run lock for ``_held``: its file, as a run computes it."""
+    return ("sqlite", lock_path)
 
 
 def lock_file_refused(

@@ -266,8 +266,10 @@ def describe(holder: Holder, now: float | None = None) -> str:
     elapsed = max(0.0, (time.time() if now is None else now) - holder.since)
     before = "+".join(holder.from_revisions) or "base"
     after = "+".join(holder.to_revisions) or "base"
-    return printable(f"pid {holder.pid} on {holder.host}, {before} -> {after}, "
-                     f"for {elapsed:.1f} s")
+    # A migration_lock() block records no revisions: it does not know what it runs.
+    what = f"{before} -> {after}" if holder.from_revisions or holder.to_revisions else (
+        "in a migration_lock() block")
+    return printable(f"pid {holder.pid} on {holder.host}, {what}, for {elapsed:.1f} s")
 
 
 def suffix(path: str | None) -> str:

@@ -167,6 +167,7 @@ class _OnlineRun:
                 options=self.options,
                 where=f"the [{config.config_ini_section}] section of "
                 f"{config.config_file_name or 'the Alembic configuration (no file)'}",
+                ini=config.config_file_name,
             )
         except (exc.ArgumentError, ValueError) as error:  # ValueError: a bad port number
             shown = describe_url(section.get("sqlalchemy.url", ""))

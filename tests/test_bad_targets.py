@@ -81,7 +81,8 @@ def test_file_that_is_not_a_database(project: Project) -> None:
 def test_invalid_url_is_a_configuration_error(project: Project, url: str) -> None:
     set_url(project, url)
     message = assert_failed_cleanly(
-        project.alembic("upgrade", "head"), "is not a valid SQLite URL", "sqlite:///"
+        project.alembic("upgrade", "head"), f"sqlalchemy.url in {project.ini} is not a "
+        "valid SQLite URL", "sqlite:///"
     )
     assert "pw" not in message
 
@@ -90,7 +91,8 @@ def test_a_server_url_with_a_bad_port_is_a_configuration_error(project: Project)
     set_url(project, "postgresql://u:s3cret@127.0.0.1:54x2/db")
     message = assert_failed_cleanly(
         project.alembic("upgrade", "head"),
-        "is not a valid database URL (postgresql://u:***@127.0.0.1:54x2/db)",
+        f"sqlalchemy.url in {project.ini} is not a valid database URL "
+        "(postgresql://u:***@127.0.0.1:54x2/db)",
         "a port is a number",
     )
     assert "s3cret" not in message

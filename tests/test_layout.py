@@ -108,3 +108,16 @@ def test_the_demo_ini_lists_every_setting() -> None:
     ini = (REPO / "alembic.ini").read_text()
     section = ini.split("[alembic_sqlite_lock]", 1)[1].split("\n[", 1)[0]
     assert [name for name in NAMES if f"# {name} =" not in section] == []
+
+
+def test_importing_the_package_loads_the_sqlite_backend_and_no_server_one() -> None:
+    """A preloading app server (gunicorn --preload) imports the package once and forks:
+    code first imported after the fork is paid again by every worker (the SQLite backend
+    was about 10 ms each). The server backends stay unloaded for SQLite apps."""
+    printed = run_python(
+        "import sys, alembic_sqlite_lock; "
+        "print(sorted(m for m in sys.modules if m.startswith('alembic_sqlite_lock._backends.')))"
+    )
+    assert "'alembic_sqlite_lock._backends._sqlite._backend'" in printed
+    assert "_postgresql" not in printed
+    assert "_mysql" not in printed

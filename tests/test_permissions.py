@@ -30,13 +30,16 @@ def migrated_db(root: Path, data: Path, user: Unprivileged) -> tuple[Path, Path]
     return ini, data / "app.db"
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """A non-zero exit with exactly one `FAILED:` line holding every needle, and no
+    traceback; returns that line."""
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr
     failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED: ")]
     assert len(failed) == 1, result.stdout + result.stderr
     for needle in needles:
         assert needle in failed[0], failed[0]
+    return failed[0]
 
 
 def test_read_only_database_file_fails_before_creating_anything(

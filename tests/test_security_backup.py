@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from conftest import Project, Unprivileged, make_project
 from faultkit import ALEMBIC, integrity
+from test_permissions import assert_clean_failure
 
 import alembic_sqlite_lock
 from alembic_sqlite_lock import BackupFailed
@@ -63,16 +64,6 @@ def version_in(db: Path) -> list[str]:
         return [str(v) for (v,) in conn.execute("SELECT version_num FROM alembic_version")]
     finally:
         conn.close()
-
-
-def assert_one_failed_line(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stdout + result.stderr
-    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED: ")]
-    assert len(failed) == 1, result.stdout + result.stderr
-    for needle in needles:
-        assert needle in failed[0], failed[0]
-    return failed[0]
 
 
 # (a) a dangling link at the predicted name --------------------------------------------
@@ -137,7 +128,7 @@ def test_a_backup_folder_made_by_someone_else_is_refused(
 
     result = alembic(ini, "-x", "lock_backup_dir=backups", "upgrade", "head")
 
-    line = assert_one_failed_line(result, "Could not back up", expected,
+    line = assert_clean_failure(result, "Could not back up", expected,
                                   "Nothing was migrated")
     assert "point backup_dir" in line.lower()
     assert list(theirs.iterdir()) == []
@@ -278,7 +269,7 @@ def test_a_full_disk_fails_the_backup_and_migrates_nothing(
     assert project.db.read_bytes() == database
     assert project.version() == ["0001"]
     result = alembic(project.ini, "-x", f"lock_backup_dir={small_disk}", "upgrade", "0002")
-    assert_one_failed_line(result, "Could not back up", "Nothing was migrated")
+    assert_clean_failure(result, "Could not back up", "Nothing was migrated")
     assert os.listdir(small_disk) == []
 
 
@@ -377,7 +368,7 @@ def test_a_backup_folder_others_may_write_is_refused(
     result = project.alembic("-x", "lock_backup_dir=shared", "upgrade", "head")
 
     who = "every user" if mode & 0o002 else f"group {unprivileged.gid}"
-    assert_one_failed_line(result, f"the backup folder {folder} is writable by {who}",
+    assert_clean_failure(result, f"the backup folder {folder} is writable by {who}",
                            "Nothing was migrated")
     assert list(folder.iterdir()) == []
     assert project.db.read_bytes() == before

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 
 from . import _alembic, _steps
 from ._alembic import StepsFn
-from ._backends import Backend, RunOptions, SideFiles, bad_url, open_backend
+from ._backends import Backend, RunOptions, SideFiles, open_backend
 from ._errors import ConfigurationError, MigrationLockError, RollbackFailed, busy_reading
 from ._progress import Progress, describe, log_applied, migration_error, revisions
 from ._retry import RetryPolicy, acquire
@@ -160,20 +160,14 @@ class _OnlineRun:
     def run(self) -> None:
         config = self.env.config
         section = config.get_section(config.config_ini_section, {})
-        try:
-            source = open_backend(
-                section=section,
-                handed_in=config.attributes.get("connection"),
-                options=self.options,
-                where=f"the [{config.config_ini_section}] section of "
-                f"{config.config_file_name or 'the Alembic configuration (no file)'}",
-                ini=config.config_file_name,
-            )
-        except (exc.ArgumentError, ValueError) as error:  # ValueError: a bad port number
-            shown = describe_url(section.get("sqlalchemy.url", ""))
-            # Not chained: the message says all, and int()'s would quote the "port", a
-            # password when "user:password" lost its "@host" (shown by --verbose).
-            raise bad_url(shown, error, config.config_file_name) from None
+        source = open_backend(
+            section=section,
+            handed_in=config.attributes.get("connection"),
+            options=self.options,
+            where=f"the [{config.config_ini_section}] section of "
+            f"{config.config_file_name or 'the Alembic configuration (no file)'}",
+            ini=config.config_file_name,
+        )
         try:
             started = time.monotonic()
             if self.migrates and source.creates_database():

@@ -18,17 +18,30 @@ so ``await upgrade_async(...)`` inside ``async with migration_lock_async(...)`` 
 The context only points at an entry of the process-wide registry below; once the block
 ends its entry is gone, so a copy of the context that outlives the block (a task left
 running) no longer counts as holding anything.
+
+A command run by ``alembic-sqlite-lock exec`` is another process: it learns what its
+wrapper holds from the environment variable :data:`ENV` (JSON: the wrapper's pid and,
+per lock, what proves it). The variable is a claim, not a proof: a backend believes it
+only after checking the lock really is held for this process (SQLite: the inherited
+descriptor of the run lock file holds its flock; a server: the wrapper's session holds
+the lock and the wrapper is an ancestor of this process), so a stale or copied variable
+never lets a run go on unlocked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
+
+ENV = "ALEMBIC_SQLITE_LOCK_HELD"
+"""What ``exec`` hands to its command: ``{"pid": wrapper, "locks": [{"dialect": ...}]}``."""
 
 Key = tuple[str, ...]
 """A lock's identity: ("sqlite", lock file path) or (dialect, URL without password, key)."""
@@ -44,6 +57,9 @@ class Held:
     """What a process forked while the lock is held does with its copy (close it)."""
     nested: bool = False
     """Taken inside a block that holds it already: holds nothing of its own."""
+    for_child: dict[str, Any] | None = field(default=None, repr=False)
+    """What a command run under this lock is told, so that it can check the lock is
+    held for it (the descriptor it inherits, the server session holding it)."""
     _released: bool = field(default=False, repr=False)
 
     def release(self) -> None:
@@ -63,21 +79,25 @@ _mine: ContextVar[Mapping[Key, Held]] = ContextVar(
 )
 
 
-def held_here(key: Key) -> bool:
-    """This flow of control is inside a block that holds the lock ``key`` now."""
+def held_here(key: Key, inherited: Callable[[], bool] | None = None) -> bool:
+    """This flow of control is inside a block that holds the lock ``key`` now, or (when
+    ``inherited`` checks it) this process runs under an ``exec`` that holds it."""
     mine = _mine.get().get(key)
     with _guard:
-        return mine is not None and _registry.get(key) is mine
+        if mine is not None and _registry.get(key) is mine:
+            return True
+    return inherited is not None and inherited()
 
 
 def take(
     key: Key,
     lock: Callable[[], Callable[[], None]],
     in_child: Callable[[], None] | None = None,
+    inherited: Callable[[], bool] | None = None,
 ) -> Held:
     """The lock ``key`` for a block: a nested :class:`Held` when this flow holds it
     already, else ``lock()`` (which takes it, or raises) registered as held."""
-    if held_here(key):
+    if held_here(key, inherited):
         return Held(key, lambda: None, nested=True)
     release = lock()
     held = Held(key, release, in_child)
@@ -93,6 +113,51 @@ def enter(held: Held) -> Callable[[], None]:
         return lambda: None
     token = _mine.set({**_mine.get(), held.key: held})
     return lambda: _mine.reset(token)
+
+
+def handed_down(dialect: str) -> list[dict[str, Any]]:
+    """The locks of ``dialect`` that an ``exec`` wrapper says it holds for this process,
+    each with the wrapper's ``pid``: claims, for the backend to check."""
+    raw = os.environ.get(ENV)
+    if not raw:
+        return []
+    try:
+        claim = json.loads(raw)
+        pid = int(claim["pid"])
+        return [
+            {**lock, "pid": pid} for lock in claim["locks"]
+            if isinstance(lock, dict) and lock.get("dialect") == dialect
+        ]
+    except (ValueError, KeyError, TypeError):  # not ours, or mangled: claims nothing
+        return []
+
+
+def child_environment(helds: Iterable[Held]) -> dict[str, str]:
+    """The environment for a command run while holding ``helds``: this process's, with
+    :data:`ENV` naming this process and the locks (a lock this process only inherited
+    keeps its wrapper's claim, which the command checks the same way)."""
+    environment = dict(os.environ)
+    locks = [held.for_child for held in helds if held.for_child is not None]
+    if locks:
+        environment[ENV] = json.dumps({"pid": os.getpid(), "locks": locks})
+    return environment
+
+
+def is_ancestor(pid: int) -> bool:
+    """``pid`` is this process's parent, or its parent's, and so on (Linux /proc)."""
+    current = os.getppid()
+    for _ in range(4096):  # a cycle cannot happen; a bound costs nothing
+        if current == pid:
+            return True
+        if current <= 1:
+            return False
+        try:
+            with open(f"/proc/{current}/stat", encoding="ascii", errors="replace") as file:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                current = int(file.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
 
 
 def _forget_in_child() -> None:

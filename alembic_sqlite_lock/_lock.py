@@ -9,30 +9,42 @@ SQLite's write lock, so the block's own code can write the database.
 
 A run or a block inside a block of the same flow of control does not wait for its own
 lock (see ``_held``): ``with migration_lock(cfg): upgrade(cfg)`` works.
+
+``ready=`` keeps warm starts from queueing: N workers that find the database set up
+already run the block side by side, without the lock. ``run_command`` is
+``alembic-sqlite-lock exec``: a command run while the lock is held, told through its
+environment what it runs under, so that its own runs and blocks do not wait for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
+import shlex
+import signal
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from types import FrameType
 from typing import Any
 
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy import exc
 from sqlalchemy.engine import URL
 
-from ._backends import Backend, RunOptions, bad_url, open_backend
+from ._backends import Backend, RunOptions, open_backend
 from ._commands import _as_config
-from ._held import Held, enter
+from ._errors import ConfigurationError
+from ._held import ENV, Held, child_environment, enter
 from ._retry import acquire
 from ._settings import Settings, SettingsKeywords, resolve_settings
-from ._urls import describe_url
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -45,17 +57,33 @@ LockTarget = str | URL | Config | os.PathLike[str]
 """A database URL (text or ``sqlalchemy.URL``), an Alembic ``Config``, or the path of an
 alembic.ini."""
 
+Ready = Callable[[], bool] | Config | str | os.PathLike[str]
+"""``ready=``: a function answering "is the database set up already?", or the Alembic
+environment whose heads a set-up database has (a ``Config``, the path of its alembic.ini
+or of its script folder)."""
+
 
 @contextmanager
-def migration_lock(target: LockTarget, **settings: Unpack[SettingsKeywords]) -> Iterator[None]:
+def migration_lock(
+    target: LockTarget, *, ready: Ready | None = None, **settings: Unpack[SettingsKeywords]
+) -> Iterator[None]:
     """Hold the migration lock of ``target``'s database for the block.
 
     ``target`` is a database URL, an ``alembic.config.Config`` or the path of an
     alembic.ini; ``settings`` are the lock settings, as for :func:`upgrade`. Waits as a
     run waits (``deadline_s``, then ``LockTimeout``); the lock is released when the
     block ends, by an exception too, and by the process's death.
+
+    ``ready``: asked first, without the lock; when it answers yes the block runs without
+    the lock, so that workers finding the database set up do not queue. A function (an
+    exception counts as no), or an Alembic environment: ready when the database's
+    version table holds exactly that environment's heads.
     """
     lock = BlockLock(target, settings)
+    if ready is not None and lock.is_ready(ready):
+        lock.close()
+        yield
+        return
     held = lock.acquire()
     leave = enter(held)
     try:
@@ -67,11 +95,16 @@ def migration_lock(target: LockTarget, **settings: Unpack[SettingsKeywords]) -> 
 
 @asynccontextmanager
 async def migration_lock_async(
-    target: LockTarget, **settings: Unpack[SettingsKeywords]
+    target: LockTarget, *, ready: Ready | None = None, **settings: Unpack[SettingsKeywords]
 ) -> AsyncIterator[None]:
     """:func:`migration_lock` for async code: the wait happens in a worker thread, so the
-    event loop keeps running; ``await upgrade_async(...)`` inside the block proceeds."""
+    event loop keeps running; ``await upgrade_async(...)`` inside the block proceeds.
+    ``ready`` (a plain function, or an Alembic environment) is asked in that thread too."""
     lock = await asyncio.to_thread(BlockLock, target, settings)
+    if ready is not None and await asyncio.to_thread(lock.is_ready, ready):
+        await asyncio.to_thread(lock.close)
+        yield
+        return
     taking = asyncio.ensure_future(asyncio.to_thread(lock.acquire))
     try:
         held = await asyncio.shield(taking)
@@ -106,17 +139,37 @@ class BlockLock:
             lock_scope=self.settings.lock_scope,
             # A run's version table comes from its env.py, which a block cannot see:
             # Alembic's default. Another name: set the same lock_key for both.
-            version_table="alembic_version",
+            version_table=VERSION_TABLE,
             version_table_schema=None,
         )
+        self.backend: Backend = open_backend(
+            section=section, handed_in=None, options=options, where=where,
+            ini=config.config_file_name,
+        )
+
+    def is_ready(self, ready: Ready) -> bool:
+        """``ready``'s answer, asked without the lock; no when it cannot answer."""
         try:
-            self.backend: Backend = open_backend(
-                section=section, handed_in=None, options=options, where=where,
-                ini=config.config_file_name,
-            )
-        except (exc.ArgumentError, ValueError) as error:  # ValueError: a bad port number
-            shown = describe_url(section.get("sqlalchemy.url", ""))
-            raise bad_url(shown, error, config.config_file_name) from None
+            answer = bool(ready()) if callable(ready) else self._at_heads(_ready_config(ready))
+        except ConfigurationError:
+            raise  # a wrong ready= is the caller's to fix, not a "no"
+        except Exception as error:  # "cannot tell" (no table yet...) means "take the lock"
+            logger.debug("ready= could not tell whether %s is set up (%s): taking the "
+                         "migration lock", self.backend.url, error)
+            return False
+        logger.debug("%s is %s", self.backend.url, "ready: the block runs without the "
+                     "migration lock" if answer else "not ready: taking the migration lock")
+        return answer
+
+    def _at_heads(self, config: Config) -> bool:
+        heads = set(ScriptDirectory.from_config(config).get_heads())
+        if not heads or self.backend.creates_database():  # a look would create the file
+            return False
+        versions = self.backend.read_versions(VERSION_TABLE, None)
+        return versions is not None and set(versions) == heads
+
+    def close(self) -> None:
+        self.backend.close()
 
     def acquire(self) -> Held:
         """Wait for the lock as a run does: the same retries, log lines and deadline."""
@@ -153,6 +206,156 @@ class BlockLock:
             held.release()
         finally:
             self.backend.close()
+
+
+VERSION_TABLE = "alembic_version"
+
+
+def _ready_config(ready: Config | str | os.PathLike[str]) -> Config:
+    """``ready=``'s Alembic environment: a Config, an alembic.ini, or a script folder."""
+    if isinstance(ready, Config):
+        return ready
+    path = os.fspath(ready)
+    if os.path.isdir(path):
+        config = Config()
+        config.set_main_option("script_location", path)
+        return config
+    if os.path.isfile(path):
+        return Config(path)
+    msg = (
+        f"ready= names {os.path.abspath(path)}, which is neither an alembic.ini nor a "
+        "folder of migration scripts. Pass a function that tells whether the database "
+        "is set up, an alembic.config.Config, or one of those paths."
+    )
+    raise ConfigurationError(msg)
+
+
+def run_command(
+    target: LockTarget, command: Sequence[str], settings: Mapping[str, Any]
+) -> int:
+    """``alembic-sqlite-lock exec``: run ``command`` while holding ``target``'s migration
+    lock, and return its exit status (128 + N for a command killed by signal N).
+
+    The command learns through its environment (``_held.ENV``) what it runs under, so
+    that a run or block of its own on the same database checks the lock and goes on
+    instead of waiting for its wrapper. If the wrapper is killed, the command does not
+    go on unlocked: on SQLite it inherits the run lock file's descriptor, so its flock
+    lasts while the command lives; a server lock lives in the wrapper's session, so the
+    command is killed with the wrapper (``PR_SET_PDEATHSIG``, Linux).
+    """
+    lock = BlockLock(target, settings)
+    held = lock.acquire()
+    try:
+        environment = child_environment([held])
+        descriptors = _handed_down_descriptors(environment)
+        logger.info("Holding the migration lock on %s; running %s", lock.backend.url,
+                    shlex.join(command))
+        return _run_forwarding_signals(
+            command, environment, descriptors,
+            # A descriptor lets the command hold the lock itself. Without one (server
+            # locks) it must die with us. preexec_fn would also run the at-fork hooks,
+            # which close the block's descriptors: only one of the two is ever needed.
+            die_with_parent=not descriptors,
+        )
+    finally:
+        lock.release(held)
+
+
+def _handed_down_descriptors(environment: Mapping[str, str]) -> tuple[int, ...]:
+    """The descriptors that ``environment``'s lock claims name (ours, or our wrapper's
+    passed on): the command must inherit them for the claims to hold."""
+    try:
+        claim = json.loads(environment.get(ENV, "") or "{}")
+        return tuple(sorted({lock["fd"] for lock in claim.get("locks", ())
+                             if isinstance(lock.get("fd"), int)}))
+    except (ValueError, AttributeError, TypeError):
+        return ()
+
+
+_FORWARDED = tuple(
+    getattr(signal, name) for name in
+    ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+    if hasattr(signal, name)
+)
+
+
+def _run_forwarding_signals(
+    command: Sequence[str],
+    environment: Mapping[str, str],
+    descriptors: tuple[int, ...],
+    *,
+    die_with_parent: bool,
+) -> int:
+    """Run ``command``, passing the signals a supervisor sends (SIGTERM from Kubernetes
+    or docker stop, SIGHUP, SIGINT) on to it; its exit status."""
+    child: subprocess.Popen[bytes] | None = None
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and _terminal_sent_it():
+            return  # Ctrl-C reached the command already: the terminal signals the group
+        if child is None:
+            pending.append(signum)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, forward) for signum in _FORWARDED} if (
+        main_thread) else {}
+    try:
+        try:
+            child = subprocess.Popen(
+                list(command), env=dict(environment), pass_fds=descriptors,
+                preexec_fn=_dying_with(os.getpid()) if die_with_parent else None,  # noqa: PLW1509
+            )
+        except OSError as error:
+            return _not_started(command, error)
+        for signum in pending:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+        status = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return status if status >= 0 else 128 - status
+
+
+def _terminal_sent_it() -> bool:
+    """We are in the terminal's foreground process group, with the command: a Ctrl-C
+    there has signalled it already, and forwarding would deliver a second one."""
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+    return False
+
+
+def _dying_with(parent: int) -> Callable[[], None]:
+    """For the child, between fork and exec: ask the kernel for SIGKILL when the parent
+    dies; and if it died already, before the request, die now."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    pr_set_pdeathsig = 1
+
+    def set_death_signal() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return set_death_signal
+
+
+def _not_started(command: Sequence[str], error: OSError) -> int:
+    """The shell's answer to a command that cannot be run: 127 not found, 126 not
+    executable."""
+    code = 127 if isinstance(error, FileNotFoundError) else 126
+    print(f"alembic-sqlite-lock: error: cannot run {command[0]!r}: {error.strerror}. "
+          "Check the command after `--` (the migration lock was released).",
+          file=sys.stderr)
+    return code
 
 
 def _resolve_target(target: LockTarget) -> tuple[Config, dict[str, str], str]:

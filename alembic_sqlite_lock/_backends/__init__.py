@@ -120,7 +120,10 @@ def open_backend(
     module = _module(name)
     if module is None:
         raise _unsupported(name, shown)
-    backend: Backend = module.open_backend(section, handed_in, options)
+    try:
+        backend: Backend = module.open_backend(section, handed_in, options)
+    except (exc.ArgumentError, ValueError) as error:  # create_engine's, on the same URL
+        raise bad_url(shown, error, ini) from None
     return backend
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost, LockNotTaken
-from .._held import Held, held_here, take
+from .._held import Held, handed_down, held_here, is_ancestor, take
 from .._retry import LockBusy
 from .._urls import describe_url
 from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
@@ -82,7 +82,8 @@ class MySQLBackend(ServerBackend):
         self.engine = create_engine(section)
         self._held: dict[int, tuple[Connection | None, int]] = {}
         """Per migration connection: its lock connection and that one's id (None, 0: a
-        run inside this flow's migration_lock() block, which holds the lock)."""
+        run inside this flow's migration_lock() block, which holds the lock; None and
+        the wrapper's connection id: a run under an `exec`, checked before COMMIT)."""
         self._logged = False
 
 
@@ -108,13 +109,15 @@ class MySQLBackend(ServerBackend):
         if not self._logged:
             self._logged = True
             logger.info("MySQL lock name %r (GET_LOCK on a dedicated connection)", self.name)
-        if held_here(self._block_key()):
-            # This flow's migration_lock() block holds GET_LOCK on its own connection
-            # (taking it here would wait for ourselves): it keeps others out.
-            logger.debug("GET_LOCK('%s') is held by the enclosing migration_lock() block",
-                         self.name)
+        wrapper: list[int] = []
+        if held_here(self._block_key(), lambda: self._inherited(wrapper)):
+            # This flow's migration_lock() block, or the `exec` this process runs under,
+            # holds GET_LOCK on its own connection (taking it here would wait for
+            # ourselves): it keeps others out.
+            logger.debug("GET_LOCK('%s') is held by the enclosing migration_lock() block "
+                         "or exec", self.name)
             migration = self.engine.connect()
-            self._held[id(migration)] = (None, 0)
+            self._held[id(migration)] = (None, wrapper[0] if wrapper else 0)
             return migration
         lock_connection, holder_id = self._get_lock(timeout_s)
         try:
@@ -158,11 +161,39 @@ class MySQLBackend(ServerBackend):
         *,
         still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
     ) -> Held:
+        holder: list[int] = []
+
         def lock() -> Callable[[], None]:
-            lock_connection, _holder = self._get_lock(timeout_s)
+            lock_connection, holder_id = self._get_lock(timeout_s)
+            holder.append(holder_id)
             return lambda: self._let_go(lock_connection, held=True)
 
-        return take(self._block_key(), lock)
+        held = take(self._block_key(), lock, inherited=lambda: self._inherited([]))
+        if not held.nested:
+            held.for_child = {"dialect": "mysql", "name": self.name, "session": holder[0]}
+        return held
+
+    def _inherited(self, wrapper: list[int]) -> bool:
+        """This process runs under an `exec` whose connection holds this lock's name, and
+        that wrapper is an ancestor of this process (a stale variable naming some other
+        connection that holds it must not count). ``wrapper`` gets the connection id."""
+        claims = [claim for claim in handed_down("mysql") if claim.get("name") == self.name
+                  and isinstance(claim.get("session"), int) and is_ancestor(claim["pid"])]
+        if not claims:
+            return False
+        with self.engine.connect() as connection:
+            owner = self._owner(connection)
+        for claim in claims:
+            if owner is not None and owner == claim["session"]:
+                wrapper.append(owner)
+                return True
+        return False
+
+    def _owner(self, connection: Connection) -> int | None:
+        """The id of the connection holding this lock's name (None: nobody)."""
+        owner = connection.execute(text("SELECT IS_USED_LOCK(:name)"), {"name": self.name}
+                                   ).scalar()
+        return None if owner is None else int(owner)
 
     def _block_key(self) -> tuple[str, ...]:
         """The lock's identity for ``_held``: the server, and the lock's name."""
@@ -171,12 +202,10 @@ class MySQLBackend(ServerBackend):
     def before_commit(self, connection: Connection) -> None:
         """The lock must still be ours: its connection could have been killed mid-run."""
         lock_connection, holder_id = self._held[id(connection)]
-        if lock_connection is None:
+        if lock_connection is None and not holder_id:
             return  # the enclosing migration_lock() block's lock: its own business
-        owner = lock_connection.execute(
-            text("SELECT IS_USED_LOCK(:name)"), {"name": self.name}
-        ).scalar()
-        if owner != holder_id:
+        # Under an `exec`: the wrapper's connection, which dies with the wrapper.
+        if self._owner(lock_connection or connection) != holder_id:
             msg = (
                 f"The migration lock GET_LOCK('{self.name}') on {self.url} was lost during "
                 "the run (its connection was closed or killed); another worker may have "

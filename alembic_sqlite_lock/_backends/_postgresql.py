@@ -36,8 +36,8 @@ from collections.abc import Callable, Mapping
 from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from .._errors import RAISE_DEADLINE, ConfigurationError
-from .._held import Held, held_here, take
+from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost
+from .._held import Held, handed_down, held_here, is_ancestor, take
 from .._retry import LockBusy
 from .._urls import describe_url
 from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
@@ -113,8 +113,9 @@ class PostgresBackend(ServerBackend):
         self._key = key_from_setting(options.lock_key) if options.lock_key else None
         self.engine = create_engine(section, "postgresql")
         self._logged = False
-        self._nested: set[int] = set()
-        """Migration connections of runs inside this flow's migration_lock() block."""
+        self._nested: dict[int, int | None] = {}
+        """Migration connections of runs inside this flow's migration_lock() block (None)
+        or under an `exec` (the wrapper's session, checked again before COMMIT)."""
 
     def timeout_causes(self, lock_file: str | None) -> str:
         return f"{self._timeout_causes} If a migration legitimately takes longer, {RAISE_DEADLINE}"
@@ -135,12 +136,15 @@ class PostgresBackend(ServerBackend):
         try:
             _check_client(connection)
             key = self._lock_key(connection)
-            if held_here(self._block_key(key)):
-                # This flow's migration_lock() block holds the key on its own session
-                # (taking it here would wait for ourselves): it keeps others out.
+            wrapper: list[int] = []
+            if held_here(self._block_key(key),
+                         lambda: self._inherited(connection, key, wrapper)):
+                # This flow's migration_lock() block, or the `exec` this process runs
+                # under, holds the key on its own session (taking it here would wait for
+                # ourselves): it keeps others out.
                 logger.debug("Advisory lock %d is held by the enclosing migration_lock() "
-                             "block", key)
-                self._nested.add(id(connection))
+                             "block or exec", key)
+                self._nested[id(connection)] = wrapper[0] if wrapper else None
                 return connection
             _take(connection, key, timeout_s, session=self.session_scope)
             if self.session_scope:
@@ -155,11 +159,23 @@ class PostgresBackend(ServerBackend):
         return connection
 
     def before_commit(self, connection: Connection) -> None:
-        pass
+        """Under an `exec`, the wrapper's session must hold the lock still: a wrapper
+        that died took its session, and the lock, with it."""
+        session = self._nested.get(id(connection))
+        if session is not None and self._key is not None and not _session_holds(
+            connection, self._key, session
+        ):
+            msg = (
+                f"The migration lock (advisory lock {self._key}) on {self.url} held for "
+                f"this command by `alembic-sqlite-lock exec` (session {session}) was lost "
+                "during the run: the wrapper or its session ended. The run was rolled "
+                "back; run the command again."
+            )
+            raise LockLost(msg, url=self.url, lock_name=str(self._key))
 
     def release(self, connection: Connection) -> None:
         nested = id(connection) in self._nested
-        self._nested.discard(id(connection))
+        self._nested.pop(id(connection), None)
         try:
             if self.session_scope and self._key is not None and not nested:
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
@@ -182,12 +198,18 @@ class PostgresBackend(ServerBackend):
         connection = self.engine.connect()
         try:
             key = self._lock_key(connection)
-            held = take(self._block_key(key), lambda: self._hold_on(connection, key, timeout_s))
+            held = take(self._block_key(key), lambda: self._hold_on(connection, key, timeout_s),
+                        inherited=lambda: self._inherited(connection, key, []))
+            if held.nested:
+                connection.close()
+            else:
+                session = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                if self.session_scope:
+                    connection.commit()  # idle between statements, as _hold_on left it
+                held.for_child = {"dialect": "postgresql", "key": key, "session": session}
         except BaseException:
             connection.close()  # ends the session: a lock taken in it goes too
             raise
-        if held.nested:
-            connection.close()
         return held
 
     def _hold_on(self, connection: Connection, key: int, timeout_s: float) -> Callable[[], None]:
@@ -219,6 +241,20 @@ class PostgresBackend(ServerBackend):
         """The lock's identity for ``_held``: the server and database, and the key."""
         return ("postgresql", self.engine.url.render_as_string(hide_password=True), str(key))
 
+    def _inherited(self, connection: Connection, key: int, wrapper: list[int]) -> bool:
+        """This process runs under an `exec` whose session holds ``key`` on this
+        database, and that wrapper is an ancestor of this process (a stale variable
+        naming some other session that holds it must not count). ``wrapper`` gets the
+        session, for the check before COMMIT."""
+        for claim in handed_down("postgresql"):
+            session = claim.get("session")
+            if claim.get("key") != key or not isinstance(session, int):
+                continue
+            if is_ancestor(claim["pid"]) and _session_holds(connection, key, session):
+                wrapper.append(session)
+                return True
+        return False
+
     def _lock_key(self, connection: Connection) -> int:
         if self._key is None:
             database, schema = connection.execute(
@@ -243,16 +279,7 @@ class PostgresBackend(ServerBackend):
 
     def _still_held(self, connection: Connection, key: int) -> None:
         """Session scope: the next transaction must run on the session holding the lock."""
-        unsigned = key % _INT64
-        held = connection.execute(
-            text(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND pid = pg_backend_pid() AND classid::bigint = :hi "
-                "AND objid::bigint = :lo AND objsubid = 1"
-            ),
-            {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
-        ).scalar()
-        if not held:
+        if not _session_holds(connection, key, None):
             msg = (
                 f"The advisory lock taken on {self.url} is not held by the session the "
                 "migration would run on: the connection goes through a pooler in "
@@ -263,6 +290,21 @@ class PostgresBackend(ServerBackend):
                 "pooled server connection until the pooler closes it."
             )
             raise ConfigurationError(msg)
+
+
+def _session_holds(connection: Connection, key: int, session: int | None) -> bool:
+    """The session ``session`` (None: this connection's) holds the advisory lock ``key``
+    on this connection's database."""
+    unsigned = key % _INT64
+    return bool(connection.execute(
+        text(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND pid = coalesce(:session, pg_backend_pid()) AND classid::bigint = :hi "
+            "AND objid::bigint = :lo AND objsubid = 1 AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        ),
+        {"session": session, "hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
+    ).scalar())
 
 
 def _check_client(connection: Connection) -> None:

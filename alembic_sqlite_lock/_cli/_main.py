@@ -60,6 +60,22 @@ exit codes:
   130  interrupted (Ctrl-C); 143  stopped by SIGTERM during a run (rolled back)
 """
 
+EXEC_EPILOG = """\
+examples:
+  alembic-sqlite-lock exec --url sqlite:///mlflow.db -- mlflow db upgrade sqlite:///mlflow.db
+  alembic-sqlite-lock exec --url sqlite:///optuna.db -- optuna storage upgrade \\
+      --storage sqlite:///optuna.db
+  alembic-sqlite-lock exec -c alembic.ini -- flask db upgrade
+
+The command's own runs on the same database (an env.py that uses run_migrations,
+migration_lock()) see the lock is held for them and go on. If this process is killed,
+the command does not go on unlocked: on SQLite it keeps the lock until it exits; on a
+server it is killed with this process. SIGTERM, SIGINT and SIGHUP are passed on to it.
+
+exit codes: the command's (128 + N if signal N killed it); 126 or 127 if it could not
+be started; 2 or 3 as below if the lock could not be taken (the command did not run).
+""" + EXIT_CODES_HELP
+
 DESCRIPTION = """\
 Run Alembic migrations on SQLite from every worker at once: exactly one worker applies
 each migration, the others wait and carry on. Settings can be given as flags with the
@@ -162,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
                       "current revision, heads, pending revisions, who is migrating "
                       "right now, backups (read-only, takes no lock)")
     status.add_argument("--json", action="store_true", help="print one JSON object")
+
+    run = _command(commands, "exec", _cmd_exec,
+                   "run a command (a framework's own migration step) while holding the "
+                   "migration lock; exits with the command's exit code")
+    run.add_argument("--url", default=None,
+                     help="the database to lock (default: sqlalchemy.url of alembic.ini)")
+    run.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]",
+                     help="the command to run, after --")
+    run.epilog = EXEC_EPILOG
     return parser
 
 
@@ -311,6 +336,40 @@ def _cmd_stamp(args: argparse.Namespace) -> int:
     _commands.stamp(_config(args), args.revisions, sql=args.sql, tag=args.tag,
                     purge=args.purge, **_settings(args))
     return EXIT_OK
+
+
+def _cmd_exec(args: argparse.Namespace) -> int:
+    import logging
+
+    from .._lock import run_command
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise ConfigurationError(
+            f"No command to run. Write it after --, e.g. `{PROG} exec --url "
+            "sqlite:///app.db -- flask db upgrade`."
+        )
+    if args.url and (args.config or args.global_config):
+        raise ConfigurationError("Give the database with --url or with -c/--config, not both.")
+    target = args.url if args.url else _config(args)
+    if args.url and "://" not in args.url:
+        raise ConfigurationError(
+            f"--url {args.url!r} is not a database URL: expected e.g. sqlite:///app.db or "
+            "postgresql://user@host/db."
+        )
+    # No env.py configures logging here: show the lock's own lines (waiting, timeouts).
+    # (The package's logger has a NullHandler only, as a library's should.)
+    ours = logging.getLogger("alembic_sqlite_lock")
+    if not logging.getLogger().handlers and all(
+        isinstance(handler, logging.NullHandler) for handler in ours.handlers
+    ):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-5.5s [%(name)s] %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.DEBUG if args.verbose or args.global_verbose else logging.INFO)
+    return run_command(target, command, _settings(args))
 
 
 def _cmd_current(args: argparse.Namespace) -> int:

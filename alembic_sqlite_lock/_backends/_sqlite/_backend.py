@@ -32,7 +32,7 @@ from ..._settings import Settings
 from ..._urls import describe_url
 from .._base import SideFiles, autocommit_refused, migration_engine
 from . import _diagnose, _holder, _sidefile
-from ._runlock import RunLock, Unusable, lock_path_for
+from ._runlock import RunLock, Unusable, inherited, lock_path_for
 from ._sidecar import Sidecar
 
 logger = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ class _Source:
         path = self._lock_path()
         # No run ever started here (and a look creates nothing on disk), or this run's
         # own migration_lock() block holds the run lock: nobody else runs.
-        if path is None or not os.path.exists(path) or held_here(_block_key(path)):
+        if path is None or not os.path.exists(path) or _held_here(path):
             return False
         run_lock = RunLock(path)
         try:
@@ -400,12 +400,13 @@ class _Source:
         lock_path = self._lock_path()
         # A read-only database fails here, clearly, before the lock file is created.
         _diagnose.check_writable(self.database_path or "", self.url)
-        if lock_path is not None and held_here(_block_key(lock_path)):
-            # Inside a migration_lock() block of this flow that holds the run lock: taking
-            # it again through another descriptor would wait for ourselves. The block
-            # keeps every other worker out; SQLite's write lock is still taken below.
-            logger.debug("The run lock %s is held by the enclosing migration_lock() block",
-                         lock_path)
+        if lock_path is not None and _held_here(lock_path):
+            # Inside a migration_lock() block of this flow (or under an `exec`) that holds
+            # the run lock: taking it again through another descriptor would wait for
+            # ourselves. The holder keeps every other worker out; SQLite's write lock is
+            # still taken below.
+            logger.debug("The run lock %s is held by the enclosing migration_lock() block "
+                         "or exec", lock_path)
             lock_path = None
         run_lock = RunLock(lock_path)
         started = time.monotonic()
@@ -504,11 +505,15 @@ class _Source:
             )
             raise ConfigurationError(msg)
         run_lock = RunLock(lock_path)
-        return take(
+        held = take(
             _block_key(lock_path),
             lambda: self._hold_run_lock(run_lock, timeout_s, still_waiting),
             in_child=run_lock.release,
+            inherited=lambda: inherited(lock_path),
         )
+        if not held.nested:
+            held.for_child = {"dialect": "sqlite", "fd": run_lock.fd}
+        return held
 
     def _hold_run_lock(
         self, run_lock: RunLock, timeout_s: float, still_waiting: Callable[[], None] | None
@@ -539,7 +544,7 @@ class _Source:
                 if wrote and record_path is not None:
                     _holder.remove(record_path, record)
             finally:
-                run_lock.release()
+                run_lock.unlock()
 
         return release
 
@@ -760,6 +765,12 @@ class HandedIn(_Source):
 def _block_key(lock_path: str) -> tuple[str, ...]:
     """The identity of the run lock for ``_held``: its file, as a run computes it."""
     return ("sqlite", lock_path)
+
+
+def _held_here(lock_path: str) -> bool:
+    """This flow's migration_lock() block, or the `exec` this process runs under, holds
+    the run lock ``lock_path``."""
+    return held_here(_block_key(lock_path), lambda: inherited(lock_path))
 
 
 def lock_file_refused(

@@ -39,7 +39,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..._held import handed_down
 from . import _sidefile
+from ._holder import holds_run_lock
 
 try:
     import fcntl
@@ -112,6 +114,34 @@ def run_lock_problem(lock_path: str | None) -> str | None:
     return None
 
 
+def inherited(lock_path: str) -> bool:
+    """This process runs under ``alembic-sqlite-lock exec``, which holds ``lock_path``
+    for it: the descriptor the wrapper handed down is open here, is the file at the path,
+    and its flock is held (by the wrapper's lock: LOCK_EX|LOCK_NB on the same open file
+    description succeeds; on another one held by anyone else, it fails). The lock then
+    lasts while this process lives, even if the wrapper dies: the descriptor is ours."""
+    if fcntl is None:
+        return False
+    for claim in handed_down("sqlite"):
+        fd, pid = claim.get("fd"), claim["pid"]
+        if not isinstance(fd, int) or fd < 0:
+            continue
+        try:
+            if not _sidefile.same_file(fd, lock_path):
+                continue
+            # Held by the wrapper's flock, not free: a free file would be locked anew
+            # below, and then held until this process exits.
+            if not holds_run_lock(pid, lock_path):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:  # EBADF: not handed down after all; EWOULDBLOCK: not ours
+            logger.debug("The run lock %s handed down as descriptor %d is not held here: "
+                         "%s", lock_path, fd, error)
+            continue
+        return True
+    return False
+
+
 class RunLock:
     """An exclusive ``flock`` on the lock file, taken with a timeout."""
 
@@ -128,6 +158,11 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    @property
+    def fd(self) -> int | None:
+        """The descriptor holding the lock (to hand down to a command run under it)."""
+        return self._fd
 
     def acquire(
         self,
@@ -209,6 +244,14 @@ class RunLock:
             # Let the woken waiter run now: on a small machine the kernel would otherwise
             # keep running this process through its teardown first (about 1-2 ms).
             os.sched_yield()
+
+    def unlock(self) -> None:
+        """Release the lock for every copy of the descriptor, then close ours: a command
+        run under ``exec`` inherits it, and may leave a process behind that keeps it."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self.release()
 
     def _open(self) -> int:
         """A descriptor of the lock file, created (the database's owner and mode) when

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import re
 import shutil
 import sqlite3
@@ -180,6 +181,43 @@ def test_a_broken_ini_is_a_configuration_error_that_names_the_file(
         assert needle in result.stderr
         assert "--verbose" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.ini"]  # nothing created
+
+
+def test_init_flask_migrate_writes_flask_migrates_layout_with_the_one_call_env(
+    tmp_path: Path,
+) -> None:
+    """The files `flask db init` writes, alembic.ini inside the folder, env.py in the
+    one-call form (that Flask-Migrate runs it is tested in tests/frameworks/)."""
+    result = cli("init", "--flask-migrate", "migrations", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    env = tmp_path / "migrations"
+    assert sorted(p.name for p in env.iterdir()) == [
+        "README", "alembic.ini", "env.py", "script.py.mako", "versions"]
+    assert not (tmp_path / "alembic.ini").exists()
+    env_py = (env / "env.py").read_text()
+    assert "run_migrations(context, get_metadata(), **conf_args)" in env_py
+    assert 'current_app.extensions["migrate"]' in env_py
+    ini = configparser.ConfigParser()
+    ini.read(env / "alembic.ini")
+    assert ini["logger_alembic_sqlite_lock"]["level"] == "INFO"
+    assert "alembic_sqlite_lock" in ini["loggers"]["keys"]
+    assert "`flask db upgrade` from every worker" in result.stdout
+
+
+def test_init_flask_migrate_refuses_an_ini_path_a_url_and_a_full_folder(
+    tmp_path: Path,
+) -> None:
+    for extra in (["-c", "x.ini"], ["--url", "sqlite:///x.db"]):
+        result = cli("init", "--flask-migrate", "migrations", *extra, cwd=tmp_path)
+        assert result.returncode == _cli.EXIT_USAGE
+        assert "Flask-Migrate reads alembic.ini from the migrations folder" in result.stderr
+        assert_no_traceback(result)
+        assert not (tmp_path / "migrations").exists()
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations" / "alembic.ini").write_text("mine")
+    result = cli("init", "--flask-migrate", "migrations", cwd=tmp_path)
+    assert result.returncode == _cli.EXIT_USAGE
+    assert (tmp_path / "migrations" / "alembic.ini").read_text() == "mine"
 
 
 @pytest.mark.slow

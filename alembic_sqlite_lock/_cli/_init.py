@@ -6,6 +6,10 @@ DIR/env.py, DIR/script.py.mako, an empty DIR/versions/), with our one-call env.p
 commented ``[alembic_sqlite_lock]`` section and logging that shows our INFO lines. The
 files are in ``templates/``; alembic.ini.template's ``${...}`` placeholders are filled in
 here (the settings section from ``_settings.SETTINGS``).
+
+``--flask-migrate`` writes Flask-Migrate's layout instead (alembic.ini inside DIR, its
+env.py in the one-call form), from ``templates/flask-migrate/``: an Alembic template
+folder, which ``flask db init -t <that folder>`` can use as well.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ def ini_text(script_location: str, url: str = DEFAULT_URL) -> str:
     )
 
 
+FLASK_MIGRATE = "flask-migrate"
+"""The template folder for Flask-Migrate (``templates/flask-migrate``)."""
+
+
 def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
          url: str = DEFAULT_URL) -> list[Path]:
     """Create the environment in ``directory`` and its ini at ``config_file``.
@@ -61,6 +69,33 @@ def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
     """
     target = Path(directory).absolute()
     ini = Path(config_file).absolute()
+    _refuse_existing(target, ini)
+    return _write(target, {
+        target / "env.py": template("env.py"),
+        target / "script.py.mako": template("script.py.mako"),
+        target / "README": template("README"),
+        ini: ini_text(_script_location(target, ini.parent), _ini_value(url)),
+    })
+
+
+def init_flask_migrate(directory: str | os.PathLike[str]) -> list[Path]:
+    """Flask-Migrate's layout in ``directory`` (what ``flask db init`` writes, with the
+    one-call env.py): Flask-Migrate finds alembic.ini there and sets the URL from the
+    app's engine. Refuses like :func:`init`."""
+    target = Path(directory).absolute()
+    ini = target / "alembic.ini"
+    _refuse_existing(target, ini)
+    folder = f"{FLASK_MIGRATE}/"
+    return _write(target, {
+        target / "env.py": template(folder + "env.py"),
+        target / "script.py.mako": template(folder + "script.py.mako"),
+        target / "README": template(folder + "README"),
+        # No ${...} in it: Alembic's init renders it to itself, less one escape.
+        ini: template(folder + "alembic.ini.mako"),
+    })
+
+
+def _refuse_existing(target: Path, ini: Path) -> None:
     if target.exists() and not target.is_dir():
         raise ConfigurationError(f"{target} exists and is not a directory; choose another.")
     if target.is_dir() and any(target.iterdir()):
@@ -74,17 +109,14 @@ def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
             "-c/--config, or add `run_migrations(context, target_metadata)` to your "
             "existing env.py by hand (see the README)."
         )
+
+
+def _write(target: Path, files: dict[Path, str]) -> list[Path]:
     created = []
     for folder in (target, target / "versions"):
         if not folder.exists():
             folder.mkdir(parents=True)
             created.append(folder)
-    files = {
-        target / "env.py": template("env.py"),
-        target / "script.py.mako": template("script.py.mako"),
-        target / "README": template("README"),
-        ini: ini_text(_script_location(target, ini.parent), _ini_value(url)),
-    }
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="where to write alembic.ini (default: ./alembic.ini)")
     init.add_argument("--url", default=_scaffold.DEFAULT_URL,
                       help="sqlalchemy.url to write (default: %(default)s)")
+    init.add_argument("--flask-migrate", action="store_true",
+                      help="Flask-Migrate's layout (alembic.ini inside DIRECTORY, its env.py "
+                           "calling run_migrations), for `flask db upgrade` from every worker")
     init.add_argument("-v", "--verbose", action="store_true",
                       help="show the traceback of an error")
 
@@ -307,6 +310,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    if args.flask_migrate:
+        return _init_flask_migrate(args)
     config = args.config or args.global_config or "alembic.ini"
     created = _scaffold.init(args.directory, config, url=args.url)
     for path in created:
@@ -317,6 +322,22 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"Next: {first}write a migration with "
           f"`alembic -c {shown} revision -m \"...\"`, then run "
           f"`{PROG} -c {shown} upgrade`.")
+    return EXIT_OK
+
+
+def _init_flask_migrate(args: argparse.Namespace) -> int:
+    if args.config or args.global_config or args.url != _scaffold.DEFAULT_URL:
+        raise ConfigurationError(
+            "--flask-migrate takes neither -c/--config nor --url: Flask-Migrate reads "
+            "alembic.ini from the migrations folder and the URL from the app's "
+            "SQLALCHEMY_DATABASE_URI."
+        )
+    for path in _scaffold.init_flask_migrate(args.directory):
+        print(f"Created {path}{os.sep if path.is_dir() else ''}")
+    shown = shlex.quote(args.directory)
+    directory = "" if os.path.normpath(args.directory) == "migrations" else f" -d {shown}"
+    print(f"Next: write a migration with `flask db migrate{directory} -m \"...\"`, then "
+          f"run `flask db upgrade{directory}` from every worker at start-up.")
     return EXIT_OK
 
 

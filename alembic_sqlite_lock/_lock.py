@@ -105,12 +105,11 @@ async def migration_lock_async(
         await asyncio.to_thread(lock.close)
         yield
         return
-    taking = asyncio.ensure_future(asyncio.to_thread(lock.acquire))
+    taking = _Taking(lock)
     try:
-        held = await asyncio.shield(taking)
+        held = await asyncio.to_thread(taking.acquire)
     except asyncio.CancelledError:
-        # The thread goes on waiting: whatever it gets is let go at once.
-        taking.add_done_callback(lambda done: _release_later(lock, done))
+        taking.abandon()  # the thread goes on waiting: what it gets is let go at once
         raise
     leave = enter(held)  # in this task's context, which to_thread() copies
     try:
@@ -120,11 +119,34 @@ async def migration_lock_async(
         await asyncio.to_thread(lock.release, held)
 
 
-def _release_later(lock: BlockLock, done: asyncio.Future[Held]) -> None:
-    if done.cancelled() or done.exception() is not None:
-        return
-    held = done.result()
-    threading.Thread(target=lock.release, args=(held,), daemon=True).start()
+class _Taking:
+    """A wait for the lock in a worker thread that its task may abandon (cancelled):
+    the thread cannot be stopped, so whichever of the two comes second lets the lock
+    go, the thread when it gets the lock after the abandon, or the abandon when the
+    thread got it before. Not through the task's callbacks: asyncio.run() cancels
+    every task left when it ends, and the callbacks of a cancelled task see no lock."""
+
+    def __init__(self, lock: BlockLock) -> None:
+        self.lock = lock
+        self._guard = threading.Lock()
+        self._abandoned = False
+        self._held: Held | None = None
+
+    def acquire(self) -> Held:
+        held = self.lock.acquire()
+        with self._guard:
+            if not self._abandoned:
+                self._held = held
+                return held
+        self.lock.release(held)
+        raise asyncio.CancelledError
+
+    def abandon(self) -> None:
+        with self._guard:
+            self._abandoned = True
+            held, self._held = self._held, None
+        if held is not None:  # got it just as the task was cancelled
+            threading.Thread(target=self.lock.release, args=(held,)).start()
 
 
 class BlockLock:

@@ -320,3 +320,59 @@ def test_the_async_block_lets_the_event_loop_run_while_it_waits(
         hold.close()
     assert ticks == 20
     assert applied == list(DEMO_REVISIONS)
+
+
+def test_an_async_block_cancelled_while_it_waits_leaves_no_lock_behind(
+    backend: Backend,
+) -> None:
+    """The waiting thread cannot be stopped: when it gets the lock after its task was
+    cancelled, it lets it go at once instead of keeping it for nobody."""
+    hold = contextlib.ExitStack()
+    hold.enter_context(backend.hold_lock())
+
+    async def main() -> None:
+        entered = asyncio.Event()
+
+        async def block() -> None:
+            async with migration_lock_async(lock_url(backend), deadline_s=60):
+                entered.set()
+
+        task = asyncio.create_task(block())
+        # The waiting thread is this process: wait until the OS or server shows it.
+        while not waiting_for_lock(backend, os.getpid()):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not entered.is_set()
+        hold.close()  # now the abandoned thread gets the lock, and must let it go
+        # (asyncio.run() waits for the threads of to_thread() when it ends.)
+
+    try:
+        asyncio.run(main())
+    finally:
+        hold.close()
+    wait_until(backend.lock_is_free, "the cancelled block's thread to let the lock go")
+    with migration_lock(lock_url(backend), deadline_s=10):
+        pass
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_transaction_scope_block_on_postgresql_excludes_a_run(backend: Backend) -> None:
+    """lock_scope = transaction (behind a transaction pooler): the block keeps its
+    transaction, and the advisory lock with it, open until it ends."""
+    url = lock_url(backend)
+    with migration_lock(url, lock_scope="transaction", deadline_s=30):
+        run = alembic_popen(backend.project, "-x", "lock_lock_scope=transaction",
+                            "upgrade", "head")
+        try:
+            wait_until(lambda: waiting_for_lock(backend, run.pid) or run.poll() is not None,
+                       "the run to wait for the block's transaction-level lock")
+            assert run.poll() is None, run.communicate()
+            assert backend.project.version() == []
+        except BaseException:
+            run.kill()
+            raise
+    _out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert backend.project.version() == [DEMO_REVISIONS[-1]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import DEMO_REVISIONS
+from conftest import DEMO_REVISIONS, Project, make_project
 from servers import ServerProject, alembic_popen, wait_until
 from sqlalchemy.pool import NullPool
 from test_backend_contract import Backend, SQLite, backend
@@ -376,3 +377,18 @@ def test_a_transaction_scope_block_on_postgresql_excludes_a_run(backend: Backend
     _out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
     assert backend.project.version() == [DEMO_REVISIONS[-1]]
+
+
+def test_a_run_inside_a_block_puts_the_blocks_holder_record_back(tmp_path: Path) -> None:
+    """The nested run records its own migration while it runs; once it ends, the block
+    (which still holds the lock) is the holder again, for `status` and the waiters."""
+    make_project(tmp_path / "proj")
+    project = Project(tmp_path / "proj")
+    record = Path(f"{project.db}.migration-holder")
+    with migration_lock(str(project.ini)):
+        before = json.loads(record.read_text())
+        assert alembic_sqlite_lock.upgrade(str(project.ini)) == list(DEMO_REVISIONS)
+        after = json.loads(record.read_text())
+    assert after == before
+    assert before["pid"] == os.getpid()
+    assert not record.exists()

@@ -10,11 +10,13 @@ worker's run asks ``running_target()`` where that run is going.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 from alembic.runtime.migration import RevisionStep
 
+from ..._held import is_ancestor
 from ..._settings import Settings
 from . import _backup, _holder
 from ._runlock import lock_path_for, run_lock_held
@@ -31,6 +33,7 @@ class Sidecar:
         self.backup_dir = _backup.backup_directory(settings.backup_dir, self.database_path)
         self.backup_keep = settings.backup_keep
         self._record: _holder.Holder | None = None
+        self._enclosing: _holder.Holder | None = None
 
     def _no_run_going(self) -> bool:
         """The run lock proves that nobody migrates now: a record is left over then, on
@@ -76,6 +79,7 @@ class Sidecar:
         before = list(heads)
         after = revisions_after(heads, steps)
         if self.record_path is not None:
+            self._enclosing = _enclosing_record(self.record_path)
             record = _holder.this_process(before, after)
             if _holder.write(self.record_path, record):
                 self._record = record
@@ -86,8 +90,20 @@ class Sidecar:
     def finished(self) -> None:
         """Before the lock is released: the record goes (it was only true while held)."""
         record, self._record = self._record, None
+        enclosing, self._enclosing = self._enclosing, None
         if record is not None and self.record_path is not None:
             _holder.remove(self.record_path, record)
+            if enclosing is not None:  # the block still holds the lock: it is the holder
+                _holder.write(self.record_path, enclosing)
+
+
+def _enclosing_record(record_path: str) -> _holder.Holder | None:
+    """The record of a migration_lock() block (of this process) or an `exec` (an
+    ancestor) that this run runs inside, to put back when the run ends."""
+    holder = _holder.read(record_path)
+    if holder is None or _holder.Identity.here().same_as(holder.identity) is not True:
+        return None
+    return holder if holder.pid == os.getpid() or is_ancestor(holder.pid) else None
 
 
 def revisions_after(heads: Sequence[str], steps: Sequence[Any]) -> list[str]:

@@ -114,8 +114,12 @@ def _environment(context: Any) -> EnvironmentContext:
 
 def _run_offline(env: EnvironmentContext, kwargs: dict[str, Any]) -> None:
     """``--sql``: render the SQL; no database is touched, so there is nothing to lock."""
-    url = env.config.get_main_option("sqlalchemy.url")
-    env.configure(url=url, literal_binds=True, dialect_opts={"paramstyle": "named"}, **kwargs)
+    # Alembic's offline template's defaults; the env.py's own keyword arguments win
+    # (a dialect_name names the dialect without a URL).
+    defaults: dict[str, Any] = {"literal_binds": True, "dialect_opts": {"paramstyle": "named"}}
+    if "url" not in kwargs and "dialect_name" not in kwargs:
+        defaults["url"] = env.config.get_main_option("sqlalchemy.url")
+    env.configure(**{**defaults, **kwargs})
     with env.begin_transaction():
         env.run_migrations()
 
@@ -238,12 +242,12 @@ class _OnlineRun:
                     heads = migration_context.get_current_heads()
                 steps = list(self.command_fn(heads, migration_context))
                 if steps:
-                    connection.rollback()
+                    source.rollback(connection)
                     self.looked = migration_context
                     self.seen = _steps.Seen(_alembic.destination(self.env), heads, steps)
                     self.command_fn = self._work_function()
                     return False
-                connection.commit()
+                source.commit(connection)
         except exc.DBAPIError as error:
             if not source.is_busy(error):
                 raise source.database_error(error) from error
@@ -291,7 +295,7 @@ class _OnlineRun:
                     connection.execute(select(version.c.version_num)).fetchall()
                 finally:
                     # A handed-in connection is the run's own: leave no transaction.
-                    connection.rollback()
+                    source.rollback(connection)
         except exc.DBAPIError as error:
             logger.debug("Warming up: %s", error)
 
@@ -371,7 +375,7 @@ class _OnlineRun:
                 # "Applied" line comes before the next worker's "already applied".
                 self.state.applied.extend(log_applied(progress))
             except BaseException as error:
-                _rollback(connection, source.url, error)
+                _rollback(source, connection, source.url, error)
                 if not source.transactional:
                     # Each finished revision committed on its own there: it is applied.
                     self.state.applied.extend(log_applied(progress))
@@ -420,8 +424,7 @@ class _OnlineRun:
         # A SIGTERM during the COMMIT waits for it: then the run knows which side of it
         # the stop landed on ("rolled back" or "already committed").
         with self.stop.held():
-            if connection.in_transaction():
-                connection.commit()
+            source.commit(connection)
             self.stop.committed = True
 
 
@@ -457,16 +460,16 @@ def _heads_after_rollback(
     try:
         source.read_only(connection)
         heads = env.get_context().get_current_heads()
-        connection.rollback()
+        source.rollback(connection)
         return heads
     except Exception as error:
         logger.debug("Could not read the version after the failure: %s", error)
         return None
 
 
-def _rollback(connection: Connection, url: str, error: BaseException) -> None:
+def _rollback(source: Backend, connection: Connection, url: str, error: BaseException) -> None:
     try:
-        connection.rollback()
+        source.rollback(connection)
     except Exception as rollback_error:
         logger.critical(
             "FATAL: rollback failed on %s after %s: %s; the database may be half-migrated",

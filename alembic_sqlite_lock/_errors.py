@@ -76,6 +76,64 @@ class MigrationError(MigrationLockError):
         self.revision = revision
 
 
+def as_original(error: MigrationError, original: BaseException) -> MigrationError:
+    """``error``, made an instance of ``original``'s type as well, so that code which
+    catches what the migration raised (``except IntegrityError:`` around an upgrade, a
+    test expecting ``InvalidRequestError``) still catches it, and ``except
+    MigrationError`` too. Its message stays ours (the original's text is in it); the
+    original's attributes (``orig``, ``statement``, ``params``...) are copied, and it is
+    the ``__cause__``. Where such a class cannot be made (layouts that do not mix, such
+    as ``OSError``'s), ``error`` as it is."""
+    combined = _combined_class(type(error), type(original))
+    if combined is None:
+        return error
+    both = combined.__new__(combined)
+    both.__dict__.update(original.__dict__)
+    both.__dict__.update(error.__dict__)  # url, revision: ours win
+    both.args = error.args
+    if isinstance(original, OSError):  # its facts live in slots, not in __dict__
+        for name in ("errno", "strerror", "filename", "filename2"):
+            setattr(both, name, getattr(original, name))
+    return both
+
+
+_COMBINED: dict[tuple[type[MigrationError], type[BaseException]], type[MigrationError] | None] = {}
+
+
+def _combined_class(
+    ours: type[MigrationError], theirs: type[BaseException]
+) -> type[MigrationError] | None:
+    """A subclass of both, made once per pair (isinstance checks stay cheap and stable)."""
+    key = (ours, theirs)
+    if key not in _COMBINED:
+        made: type[MigrationError] | None = None
+        if issubclass(theirs, Exception) and not issubclass(theirs, ours):
+            try:
+                made = type(ours.__name__, (ours, theirs), {
+                    "__module__": ours.__module__,
+                    "__qualname__": ours.__qualname__,
+                    # The original type's own __str__ (SQLAlchemy's adds the statement)
+                    # would come first otherwise: the message is ours.
+                    "__str__": Exception.__str__,
+                    "__reduce__": _reduce_as(ours),
+                    "__init__": ours.__init__,
+                })
+            except TypeError:  # an instance lay-out conflict, an inconsistent MRO
+                made = None
+        _COMBINED[key] = made
+    return _COMBINED[key]
+
+
+def _reduce_as(ours: type[MigrationError]) -> Callable[[MigrationError], tuple[Any, ...]]:
+    def reduce(self: MigrationError) -> tuple[Any, ...]:
+        # Pickled as plain ``ours``: the combined class exists only in this process, and
+        # the original's attributes (a DBAPI connection's error) may not pickle.
+        state = {name: getattr(self, name) for name in ("url", "revision")}
+        return (_rebuild, (ours, self.args, state))
+
+    return reduce
+
+
 class RollbackFailed(MigrationError):
     """A migration failed and rolling it back failed too; the database needs a look."""
 

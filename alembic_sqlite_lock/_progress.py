@@ -10,7 +10,7 @@ from typing import Any
 from alembic.runtime.migration import MigrationContext, RevisionStep
 
 from ._alembic import StepsFn
-from ._errors import MigrationError
+from ._errors import MigrationError, as_original
 from ._revisions import one_line
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def migration_error(
             "statements a revision committed in an autocommit block stay applied."
         )
     msg = f"{what}: {one_line(error)}. {where} Fix the cause and run again.{hint}"
-    return MigrationError(msg, url=url, revision=revision)
+    return as_original(MigrationError(msg, url=url, revision=revision), error)
 
 
 def revisions(heads: Iterable[str]) -> str:

@@ -324,12 +324,16 @@ def test_handed_in_connection_is_migrated_and_its_settings_restored(
 def test_handed_in_connection_inside_a_transaction_is_refused(
     project: Project, app_engine: sa.Engine
 ) -> None:
+    """A transaction SQLite has begun (a write ran in it): the run cannot begin its own.
+    (One that SQLAlchemy began but that has sent nothing yet, engine.begin()'s, works:
+    tests/test_compat.py.)"""
     from alembic.config import Config
 
     config = Config(str(project.ini))
     with app_engine.connect() as connection:
         connection.begin()
-        connection.exec_driver_sql("SELECT 1")
+        connection.exec_driver_sql("CREATE TEMP TABLE notes (x)")
+        connection.exec_driver_sql("INSERT INTO notes VALUES (1)")  # pysqlite: BEGIN
         config.attributes["connection"] = connection
 
         with pytest.raises(ConfigurationError, match="already inside a transaction"):

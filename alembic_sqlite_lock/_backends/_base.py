@@ -210,6 +210,14 @@ class Backend(Protocol):
         (" The disk holding ... is full ..."), or ""."""
         ...
 
+    def commit(self, connection: Connection) -> None:
+        """Commit the run's transaction on ``connection`` (the lock is still held)."""
+        ...
+
+    def rollback(self, connection: Connection) -> None:
+        """Roll back the run's transaction on ``connection``, or end a look's."""
+        ...
+
     def release(self, connection: Connection) -> None:
         """Release the lock and the connection; called after COMMIT or ROLLBACK."""
         ...
@@ -281,6 +289,13 @@ class ServerBackend:
 
     def failure_hint(self, error: BaseException) -> str:
         return ""  # the server's own error says it
+
+    def commit(self, connection: Connection) -> None:
+        if connection.in_transaction():
+            connection.commit()
+
+    def rollback(self, connection: Connection) -> None:
+        connection.rollback()
 
 
 def autocommit_refused(url: str) -> ConfigurationError:

@@ -18,6 +18,7 @@ import os
 import re
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -39,6 +40,16 @@ logger = logging.getLogger(__name__)
 
 READ_ONLY_OPTION = "alembic_sqlite_lock_read_only"
 """Execution option marking a connection that only looks at the version (DEFERRED)."""
+
+WRITER_OPTION = "alembic_sqlite_lock_writer"
+"""Execution option marking the run's own connection: the only one whose transactions
+take SQLite's write lock (BEGIN IMMEDIATE)."""
+
+_READERS: weakref.WeakSet[Engine] = weakref.WeakSet()
+"""Migration engines that handed a connection to someone else during a run (a revision's
+``sa.inspect(op.get_bind().engine)``): a failed write on one of them gets a hint."""
+
+READER_WROTE = "attempt to write a readonly database"
 
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
@@ -110,13 +121,29 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _on_begin(connection: Connection) -> None:
+    """The run's own connection begins with BEGIN IMMEDIATE (the write lock), a look at
+    the version with BEGIN DEFERRED. Any other connection of the engine is one a
+    revision opened itself (``sa.inspect(op.get_bind().engine)``, a common idiom): it
+    reads as under stock Alembic, statement by statement with no transaction (one left
+    open would hold a SHARED lock that blocks the run's own COMMIT in rollback-journal
+    mode), and may not write (``query_only``): a write would wait for the run's write
+    lock, which the run holds until the revision returns, and fail as "locked" seconds
+    later; it fails at once instead, and the error says why."""
     options = connection.get_execution_options()
     if options.get("isolation_level") == "AUTOCOMMIT":
         return
-    if connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+    dbapi = _dbapi(connection)
+    if dbapi.in_transaction:
         return
-    mode = "DEFERRED" if options.get(READ_ONLY_OPTION) else "IMMEDIATE"
-    connection.exec_driver_sql(f"BEGIN {mode}")
+    if options.get(READ_ONLY_OPTION):
+        dbapi.execute("PRAGMA query_only = 0")  # the pooled connection may have been a reader
+        connection.exec_driver_sql("BEGIN DEFERRED")
+    elif options.get(WRITER_OPTION):
+        dbapi.execute("PRAGMA query_only = 0")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        dbapi.execute("PRAGMA query_only = 1")
+        _READERS.add(connection.engine)
 
 
 def set_busy_timeout(connection: Connection, seconds: float) -> None:
@@ -124,18 +151,24 @@ def set_busy_timeout(connection: Connection, seconds: float) -> None:
     _dbapi(connection).execute(f"PRAGMA busy_timeout = {round(seconds * 1000)}")
 
 
-def begin_write(connection: Connection, busy_timeout_s: float, *, owned: bool) -> None:
+def begin_write(
+    connection: Connection, busy_timeout_s: float, *, owned: bool, callers: bool = False
+) -> None:
     """Start the migration transaction, holding SQLite's write lock from now on.
 
     Raises LockBusy when another connection kept the lock for ``busy_timeout_s``.
     ``owned`` connections come from :func:`create_engine`, whose ``begin`` listener
     emits BEGIN IMMEDIATE; a connection handed in by the user gets it emitted here.
+    ``callers``: the handed-in connection is inside the caller's SQLAlchemy transaction
+    (``engine.begin()``), which has sent nothing to SQLite yet: only SQLite's
+    transaction is begun.
     """
     set_busy_timeout(connection, busy_timeout_s)
     try:
         if not owned:
             _dbapi(connection).execute("BEGIN IMMEDIATE")
-        connection.begin()
+        if not callers:
+            connection.begin()
     except (exc.OperationalError, sqlite3.OperationalError) as error:
         if is_busy(error):
             raise LockBusy(str(error)) from error
@@ -623,10 +656,25 @@ class _Source:
     def read_only(self, connection: Connection) -> None:
         connection.execution_options(**{READ_ONLY_OPTION: True})
 
+    def commit(self, connection: Connection) -> None:
+        if connection.in_transaction():
+            connection.commit()
+
+    def rollback(self, connection: Connection) -> None:
+        connection.rollback()
+
     def database_error(self, error: exc.DBAPIError) -> MigrationLockError:
         return _diagnose.open_error(self.url, error)  # which file, what is wrong, the fix
 
     def failure_hint(self, error: BaseException) -> str:
+        engine = getattr(self, "engine", None)
+        if engine is not None and engine in _READERS and READER_WROTE in str(error):
+            return (
+                " The revision wrote through a second connection (one it opened from "
+                "op.get_bind().engine): while the run holds SQLite's write lock only the "
+                "run's own connection may write. Write through op.get_bind() or "
+                "op.execute() instead; a second connection may read."
+            )
         return _diagnose.migration_hint(self.url, error)
 
     def _release_run_lock(self) -> None:
@@ -688,6 +736,9 @@ class OwnEngine(_Source):
                 raise
         try:
             set_busy_timeout(connection, busy_timeout_s)
+            # The run's own: its transactions (ours, or transaction_per_migration's,
+            # begun by Alembic) take the write lock.
+            connection.execution_options(**{WRITER_OPTION: True})
             if begin:
                 begin_write(connection, busy_timeout_s, owned=True)
         except BaseException:
@@ -727,16 +778,50 @@ class HandedIn(_Source):
                 "`await alembic_sqlite_lock.upgrade_async(config)`."
             )
             raise ConfigurationError(msg)
-        if connection.in_transaction():
+        if _dbapi(connection).in_transaction:
             msg = (
                 f"The connection handed to env.py in config.attributes['connection'] "
-                f"({self.url}) is already inside a transaction. The migration must start "
-                "its own transaction to take the lock: commit or roll back first, or "
-                "hand in a fresh connection (engine.connect())."
+                f"({self.url}) is already inside a transaction that has begun in SQLite "
+                "(a statement ran in it). The migration must begin SQLite's transaction "
+                "itself to take the lock: commit or roll back first, or hand in a fresh "
+                "connection (engine.connect(), or engine.begin() before any statement)."
             )
             raise ConfigurationError(msg)
         self.connection = connection
+        self.callers = connection.in_transaction()
+        """Inside the caller's ``engine.begin()`` (Alembic's cookbook recipe): SQLite's
+        transaction is the run's own, begun and committed by the run while it holds the
+        lock; SQLAlchemy's stays the caller's, for its block to end (with nothing left
+        to commit, or whatever the caller writes after the run)."""
         self._restore = foreign_connection_guard(connection)
+
+    @property
+    def run_long_lock(self) -> bool:
+        # The caller's SQLAlchemy transaction cannot be committed midway by the run.
+        return not self.callers and super().run_long_lock
+
+    def autocommit_refused(self) -> MigrationLockError:
+        if not self.callers:
+            return super().autocommit_refused()
+        msg = (
+            "A migration uses autocommit_block(), which commits in the middle of the run, "
+            f"but the connection handed in for {self.url} is inside the caller's "
+            "transaction (engine.begin()), which the run may not commit. The run was "
+            "rolled back. Hand in engine.connect()'s connection instead."
+        )
+        return ConfigurationError(msg)
+
+    def commit(self, connection: Connection) -> None:
+        if self.callers:
+            _dbapi(connection).commit()  # SQLite's; the caller's block ends SQLAlchemy's
+        else:
+            super().commit(connection)
+
+    def rollback(self, connection: Connection) -> None:
+        if self.callers:
+            _dbapi(connection).rollback()
+        else:
+            super().rollback(connection)
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
@@ -752,7 +837,7 @@ class HandedIn(_Source):
     def _begin(self, busy_timeout_s: float, *, begin: bool) -> Connection:
         set_busy_timeout(self.connection, busy_timeout_s)
         if begin:
-            begin_write(self.connection, busy_timeout_s, owned=False)
+            begin_write(self.connection, busy_timeout_s, owned=False, callers=self.callers)
         return self.connection
 
     def release(self, connection: Connection) -> None:

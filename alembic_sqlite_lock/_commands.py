@@ -11,6 +11,7 @@ They mirror ``alembic.command`` line for line, with two additions:
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
@@ -141,7 +142,15 @@ def _as_config(config: ConfigLike) -> Config:
             "your alembic.ini (or an alembic.config.Config)."
         )
         raise ConfigurationError(msg)
-    return Config(path)
+    return load_config(path, toml_file=os.path.join(os.path.dirname(path), "pyproject.toml"))
+
+
+def load_config(path: str, toml_file: str, **kwargs: Any) -> Config:
+    """``Config(path)``, with ``toml_file`` as its pyproject.toml where Alembic reads
+    one (1.16 and later: Alembic's ``pyproject`` template keeps the settings there)."""
+    if "toml_file" in inspect.signature(Config).parameters and os.path.isfile(toml_file):
+        return Config(path, toml_file=toml_file, **kwargs)
+    return Config(path, **kwargs)
 
 
 def _run(

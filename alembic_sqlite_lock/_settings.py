@@ -15,7 +15,9 @@ a plain ``alembic`` command) and hands the :class:`Settings` down.
 from __future__ import annotations
 
 import configparser
+import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypedDict
@@ -173,6 +175,7 @@ def resolve_settings(config: Config, overrides: Mapping[str, Any] | None = None)
         ("keyword argument", dict(overrides or {}), ""),
         ("-x option", _x_options(config), X_PREFIX),
         (f"[{SECTION}] in {config.config_file_name}", _ini_section(config), ""),
+        (f"[tool.{SECTION}] in {_toml_path(config)}", _toml_table(config), ""),
     ]
     chosen: dict[str, Any] = {}
     for source, values, prefix in reversed(layers):
@@ -255,6 +258,35 @@ def _x_options(config: Config) -> dict[str, str]:
                 name = key
             values[name] = value
     return values
+
+
+def _toml_path(config: Config) -> str | None:
+    """The pyproject.toml of an Alembic >= 1.16 configuration, when there is one."""
+    path = getattr(config, "toml_file_name", None)
+    return os.path.abspath(path) if path and os.path.isfile(path) else None
+
+
+def _toml_table(config: Config) -> dict[str, Any]:
+    """``[tool.alembic_sqlite_lock]`` of pyproject.toml (Alembic's ``pyproject``
+    template keeps its settings there, under ``[tool.alembic]``)."""
+    path = _toml_path(config)
+    if path is None:
+        return {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # a dependency on those Pythons (pyproject.toml)
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        msg = f"{path} cannot be read for the [tool.{SECTION}] settings: {error}."
+        raise ConfigurationError(msg) from error
+    table = data.get("tool", {}).get(SECTION, {})
+    if not isinstance(table, dict):
+        msg = f"[tool.{SECTION}] in {path} must be a table of settings, not {table!r}."
+        raise ConfigurationError(msg)
+    return table
 
 
 def _ini_section(config: Config) -> dict[str, str]:

@@ -264,7 +264,9 @@ def _config(args: argparse.Namespace) -> Config:
     # (context.get_x_argument()) from there, and so do our lock_* settings.
     cmd_opts = argparse.Namespace(x=[*args.global_x, *args.x], config=path)
     section = args.name or args.global_name or "alembic"
-    config = Config(path, ini_section=section, cmd_opts=cmd_opts)
+    # As Alembic's own command line: pyproject.toml from the working directory.
+    config = _commands.load_config(path, "pyproject.toml", ini_section=section,
+                                   cmd_opts=cmd_opts)
     _check_readable(config, os.path.abspath(path), section)
     return config
 

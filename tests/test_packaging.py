@@ -39,7 +39,7 @@ NOT_SHIPPED = ["alembic", "tests", "bench", "scripts", "examples", "containers",
 """Root folders that must never be in the wheel; `alembic/` would shadow the real one."""
 
 NOT_COPIED = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info",
-                                    ".*_cache", ".hypothesis", "__pycache__", "*.pyc")
+                                    ".*_cache", ".cache", ".hypothesis", "__pycache__", "*.pyc")
 """Left behind when the tree is copied for the build: a stale egg-info's SOURCES.txt or
 build/lib/ would put files into the distribution that pyproject.toml does not."""
 

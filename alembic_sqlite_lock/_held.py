@@ -116,30 +116,32 @@ def enter(held: Held) -> Callable[[], None]:
 
 
 def handed_down(dialect: str) -> list[dict[str, Any]]:
-    """The locks of ``dialect`` that an ``exec`` wrapper says it holds for this process,
-    each with the wrapper's ``pid``: claims, for the backend to check."""
+    """The locks of ``dialect`` that ``exec`` wrappers say they hold for this process,
+    each with its wrapper's ``pid``: claims, for the backend to check."""
+    return [lock for lock in _claims() if lock.get("dialect") == dialect]
+
+
+def _claims() -> list[dict[str, Any]]:
     raw = os.environ.get(ENV)
     if not raw:
         return []
     try:
         claim = json.loads(raw)
         pid = int(claim["pid"])
-        return [
-            {**lock, "pid": pid} for lock in claim["locks"]
-            if isinstance(lock, dict) and lock.get("dialect") == dialect
-        ]
+        return [{"pid": pid, **lock} for lock in claim["locks"] if isinstance(lock, dict)]
     except (ValueError, KeyError, TypeError):  # not ours, or mangled: claims nothing
         return []
 
 
 def child_environment(helds: Iterable[Held]) -> dict[str, str]:
     """The environment for a command run while holding ``helds``: this process's, with
-    :data:`ENV` naming this process and the locks (a lock this process only inherited
-    keeps its wrapper's claim, which the command checks the same way)."""
+    :data:`ENV` naming the locks, this process's and those its own wrappers claim for
+    it (``exec`` inside ``exec`` on another database: the command runs under both)."""
     environment = dict(os.environ)
-    locks = [held.for_child for held in helds if held.for_child is not None]
-    if locks:
-        environment[ENV] = json.dumps({"pid": os.getpid(), "locks": locks})
+    mine = [{"pid": os.getpid(), **held.for_child} for held in helds
+            if held.for_child is not None]
+    if mine:
+        environment[ENV] = json.dumps({"pid": os.getpid(), "locks": [*_claims(), *mine]})
     return environment
 
 
@@ -158,6 +160,32 @@ def is_ancestor(pid: int) -> bool:
         except (OSError, ValueError, IndexError):
             return False
     return False
+
+
+def die_with_parent() -> Callable[[], None]:
+    """What asks the kernel to SIGKILL the calling process when its parent dies
+    (``PR_SET_PDEATHSIG``, Linux; elsewhere nothing). Loaded here, called later: in a
+    child between fork and exec, or by a process that relies on a lock its ``exec``
+    ancestor holds in a server session."""
+    try:
+        import ctypes
+        import signal
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):  # not Linux
+        return lambda: None
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
+def bound_to(pid: int) -> bool:
+    """For a process that relies on a server lock its ``exec`` ancestor ``pid`` holds:
+    die if the process between us dies (the command is killed with the wrapper, and so,
+    in turn, are its children that rely on the lock), then check that the chain up to
+    ``pid`` is still whole (it may have broken before the request)."""
+    if os.getppid() != pid:
+        die_with_parent()()
+    return is_ancestor(pid)
 
 
 def _forget_in_child() -> None:

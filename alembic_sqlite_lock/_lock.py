@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import os
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from types import FrameType
 from typing import Any
@@ -42,9 +44,10 @@ from sqlalchemy.engine import URL
 from ._backends import Backend, RunOptions, open_backend
 from ._commands import _as_config
 from ._errors import ConfigurationError
-from ._held import ENV, Held, child_environment, enter
+from ._held import ENV, Held, child_environment, die_with_parent, enter
 from ._retry import acquire
 from ._settings import Settings, SettingsKeywords, resolve_settings
+from ._urls import describe_url
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -56,6 +59,9 @@ logger = logging.getLogger(__name__)
 LockTarget = str | URL | Config | os.PathLike[str]
 """A database URL (text or ``sqlalchemy.URL``), an Alembic ``Config``, or the path of an
 alembic.ini."""
+
+AsyncReady = Callable[[], Awaitable[bool]]
+"""``ready=`` of :func:`migration_lock_async` may also be an async function."""
 
 Ready = Callable[[], bool] | Config | str | os.PathLike[str]
 """``ready=``: a function answering "is the database set up already?", or the Alembic
@@ -95,13 +101,17 @@ def migration_lock(
 
 @asynccontextmanager
 async def migration_lock_async(
-    target: LockTarget, *, ready: Ready | None = None, **settings: Unpack[SettingsKeywords]
+    target: LockTarget,
+    *,
+    ready: Ready | AsyncReady | None = None,
+    **settings: Unpack[SettingsKeywords],
 ) -> AsyncIterator[None]:
     """:func:`migration_lock` for async code: the wait happens in a worker thread, so the
     event loop keeps running; ``await upgrade_async(...)`` inside the block proceeds.
-    ``ready`` (a plain function, or an Alembic environment) is asked in that thread too."""
+    ``ready`` (a plain function, or an Alembic environment) is asked in that thread too;
+    an async function is awaited."""
     lock = await asyncio.to_thread(BlockLock, target, settings)
-    if ready is not None and await asyncio.to_thread(lock.is_ready, ready):
+    if ready is not None and await _is_ready_async(lock, ready):
         await asyncio.to_thread(lock.close)
         yield
         return
@@ -117,6 +127,15 @@ async def migration_lock_async(
     finally:
         leave()
         await asyncio.to_thread(lock.release, held)
+
+
+async def _is_ready_async(lock: BlockLock, ready: Ready | AsyncReady) -> bool:
+    """An async function is awaited here, in the loop; anything else is asked in a
+    worker thread (a plain function may block on its database)."""
+    if inspect.iscoroutinefunction(ready):
+        answer = await lock.ask_async(ready)
+        return answer
+    return await asyncio.to_thread(lock.is_ready, ready)  # type: ignore[arg-type]
 
 
 class _Taking:
@@ -150,11 +169,17 @@ class _Taking:
 
 
 class BlockLock:
-    """One block's lock: its backend and settings, resolved when the block starts."""
+    """One block's lock: its settings, resolved when the block starts, and its backend,
+    opened when first needed (a ``ready=`` function that says yes needs none: warm
+    starts then cost the function and the settings, not an engine)."""
 
     def __init__(self, target: LockTarget, overrides: Mapping[str, Any]) -> None:
-        config, section, where = _resolve_target(target)
-        self.settings: Settings = resolve_settings(config, overrides)
+        self._config, self._section, self._where = _resolve_target(target)
+        self.settings: Settings = resolve_settings(self._config, overrides)
+        self.url = describe_url(self._section.get("sqlalchemy.url", ""))
+
+    @functools.cached_property
+    def backend(self) -> Backend:
         options = RunOptions(
             policy=self.settings.policy,
             lock_key=self.settings.lock_key,
@@ -164,34 +189,61 @@ class BlockLock:
             version_table=VERSION_TABLE,
             version_table_schema=None,
         )
-        self.backend: Backend = open_backend(
-            section=section, handed_in=None, options=options, where=where,
-            ini=config.config_file_name,
+        return open_backend(
+            section=self._section, handed_in=None, options=options, where=self._where,
+            ini=self._config.config_file_name,
         )
 
     def is_ready(self, ready: Ready) -> bool:
         """``ready``'s answer, asked without the lock; no when it cannot answer."""
         try:
-            answer = bool(ready()) if callable(ready) else self._at_heads(_ready_config(ready))
+            if callable(ready):
+                result = ready()
+                if inspect.isawaitable(result):
+                    _close(result)
+                    msg = (
+                        f"ready= for {self.url} returned an awaitable, which a plain "
+                        "migration_lock() cannot await (and would take for a yes). Use "
+                        "`async with migration_lock_async(..., ready=...)`, or a plain "
+                        "function."
+                    )
+                    raise ConfigurationError(msg)
+                answer = bool(result)
+            else:
+                answer = self._at_heads(_ready_config(ready))
         except ConfigurationError:
             raise  # a wrong ready= is the caller's to fix, not a "no"
         except Exception as error:  # "cannot tell" (no table yet...) means "take the lock"
             logger.debug("ready= could not tell whether %s is set up (%s): taking the "
-                         "migration lock", self.backend.url, error)
+                         "migration lock", self.url, error)
             return False
-        logger.debug("%s is %s", self.backend.url, "ready: the block runs without the "
-                     "migration lock" if answer else "not ready: taking the migration lock")
+        logger.debug("%s is %s", self.url, "ready: the block runs without the migration "
+                     "lock" if answer else "not ready: taking the migration lock")
+        return answer
+
+    async def ask_async(self, ready: AsyncReady) -> bool:
+        """An async ``ready=``'s answer: as :meth:`is_ready`, awaited."""
+        try:
+            answer = bool(await ready())
+        except Exception as error:
+            logger.debug("ready= could not tell whether %s is set up (%s): taking the "
+                         "migration lock", self.url, error)
+            return False
         return answer
 
     def _at_heads(self, config: Config) -> bool:
-        heads = set(ScriptDirectory.from_config(config).get_heads())
-        if not heads or self.backend.creates_database():  # a look would create the file
+        """The version table holds exactly the environment's heads. The version first:
+        a new database answers no without loading a single revision file."""
+        if self.backend.creates_database():  # a look would create the file
             return False
         versions = self.backend.read_versions(VERSION_TABLE, None)
-        return versions is not None and set(versions) == heads
+        if not versions:
+            return False
+        return set(versions) == set(ScriptDirectory.from_config(config).get_heads())
 
     def close(self) -> None:
-        self.backend.close()
+        if "backend" in self.__dict__:  # opened
+            self.backend.close()
 
     def acquire(self) -> Held:
         """Wait for the lock as a run does: the same retries, log lines and deadline."""
@@ -238,7 +290,7 @@ def _ready_config(ready: Config | str | os.PathLike[str]) -> Config:
     if isinstance(ready, Config):
         return ready
     path = os.fspath(ready)
-    if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, "env.py")):
         config = Config()
         config.set_main_option("script_location", path)
         return config
@@ -246,8 +298,8 @@ def _ready_config(ready: Config | str | os.PathLike[str]) -> Config:
         return Config(path)
     msg = (
         f"ready= names {os.path.abspath(path)}, which is neither an alembic.ini nor a "
-        "folder of migration scripts. Pass a function that tells whether the database "
-        "is set up, an alembic.config.Config, or one of those paths."
+        "folder of migration scripts (one with an env.py). Pass a function that tells "
+        "whether the database is set up, an alembic.config.Config, or one of those paths."
     )
     raise ConfigurationError(msg)
 
@@ -270,7 +322,7 @@ def run_command(
     try:
         environment = child_environment([held])
         descriptors = _handed_down_descriptors(environment)
-        logger.info("Holding the migration lock on %s; running %s", lock.backend.url,
+        logger.info("Holding the migration lock on %s; running %s", lock.url,
                     shlex.join(command))
         return _run_forwarding_signals(
             command, environment, descriptors,
@@ -288,10 +340,18 @@ def _handed_down_descriptors(environment: Mapping[str, str]) -> tuple[int, ...]:
     passed on): the command must inherit them for the claims to hold."""
     try:
         claim = json.loads(environment.get(ENV, "") or "{}")
-        return tuple(sorted({lock["fd"] for lock in claim.get("locks", ())
-                             if isinstance(lock.get("fd"), int)}))
+        fds = {lock["fd"] for lock in claim.get("locks", ()) if isinstance(lock.get("fd"), int)}
     except (ValueError, AttributeError, TypeError):
         return ()
+    return tuple(sorted(fd for fd in fds if _is_open(fd)))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 _FORWARDED = tuple(
@@ -356,18 +416,14 @@ def _terminal_sent_it() -> bool:
 def _dying_with(parent: int) -> Callable[[], None]:
     """For the child, between fork and exec: ask the kernel for SIGKILL when the parent
     dies; and if it died already, before the request, die now."""
-    import ctypes
+    set_death_signal = die_with_parent()
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    pr_set_pdeathsig = 1
-
-    def set_death_signal() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    def dying_with() -> None:
+        set_death_signal()
         if os.getppid() != parent:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return set_death_signal
+    return dying_with
 
 
 def _not_started(command: Sequence[str], error: OSError) -> int:
@@ -378,6 +434,13 @@ def _not_started(command: Sequence[str], error: OSError) -> int:
           "Check the command after `--` (the migration lock was released).",
           file=sys.stderr)
     return code
+
+
+def _close(awaitable: Any) -> None:
+    """Close a coroutine that will never be awaited (no "never awaited" warning)."""
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()
 
 
 def _resolve_target(target: LockTarget) -> tuple[Config, dict[str, str], str]:

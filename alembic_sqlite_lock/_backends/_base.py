@@ -13,12 +13,13 @@ made, how the lock is taken and released, and what a failure leaves behind:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import exc
+from sqlalchemy import Column, MetaData, String, Table, exc, select
 from sqlalchemy.engine import URL, Connection, Engine, engine_from_config
 from sqlalchemy.pool import NullPool
 
@@ -27,6 +28,8 @@ from .._held import Held
 from .._retry import RetryPolicy
 from .._settings import Settings
 from .._urls import describe_url
+
+logger = logging.getLogger(__name__)
 
 
 class SideFiles(Protocol):
@@ -264,7 +267,17 @@ class ServerBackend:
         return False  # waiters queue for the server's lock and re-check one at a time
 
     def read_versions(self, table: str, schema: str | None) -> tuple[str, ...] | None:
-        return None  # never asked: wait_for_running() never waits here
+        """One SELECT of the version table on a connection of the pool (None: no table
+        yet, or it cannot be read). Runs never ask (wait_for_running() never waits
+        here); migration_lock(ready=<an Alembic environment>) does."""
+        version = Table(table, MetaData(), Column("version_num", String(32)), schema=schema)
+        try:
+            with self.engine.connect() as connection:
+                rows = connection.execute(select(version.c.version_num)).scalars().all()
+        except exc.DBAPIError as error:
+            logger.debug("Could not read the version of %s: %s", self.url, error)
+            return None
+        return tuple(rows)
 
     def look_versions(
         self, connection: Connection, table: str, schema: str | None

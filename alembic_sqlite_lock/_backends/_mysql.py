@@ -21,13 +21,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 
 from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost, LockNotTaken
-from .._held import Held, handed_down, held_here, is_ancestor, take
+from .._held import Held, bound_to, handed_down, held_here, is_ancestor, take
 from .._retry import LockBusy
 from .._urls import describe_url
 from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
@@ -161,32 +162,45 @@ class MySQLBackend(ServerBackend):
         *,
         still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
     ) -> Held:
-        holder: list[int] = []
+        # A second name, random, on the same connection: a command's check that one
+        # connection holds both binds the claim to this connection (a connection id
+        # alone could be another, later connection's).
+        nonce = f"alembic-sqlite-lock exec {secrets.token_hex(16)}"
 
         def lock() -> Callable[[], None]:
-            lock_connection, holder_id = self._get_lock(timeout_s)
-            holder.append(holder_id)
-            return lambda: self._let_go(lock_connection, held=True)
+            lock_connection, _holder = self._get_lock(timeout_s)
+            try:
+                lock_connection.execute(text("SELECT GET_LOCK(:name, 0)"), {"name": nonce})
+            except BaseException:
+                self._let_go(lock_connection, held=True)
+                raise
+            return lambda: self._let_go(lock_connection, held=True)  # closing frees both
 
         held = take(self._block_key(), lock, inherited=lambda: self._inherited([]))
         if not held.nested:
-            held.for_child = {"dialect": "mysql", "name": self.name, "session": holder[0]}
+            held.for_child = {"dialect": "mysql", "name": self.name, "nonce": nonce}
         return held
 
     def _inherited(self, wrapper: list[int]) -> bool:
         """This process runs under an `exec` whose connection holds this lock's name, and
-        that wrapper is an ancestor of this process (a stale variable naming some other
-        connection that holds it must not count). ``wrapper`` gets the connection id."""
+        that wrapper is an ancestor of this process: one connection holds both the name
+        and the claim's random second name (a stale or copied variable cannot name a
+        connection that holds the lock now). ``wrapper`` gets the connection id."""
         claims = [claim for claim in handed_down("mysql") if claim.get("name") == self.name
-                  and isinstance(claim.get("session"), int) and is_ancestor(claim["pid"])]
+                  and isinstance(claim.get("nonce"), str) and is_ancestor(claim["pid"])]
         if not claims:
             return False
         with self.engine.connect() as connection:
             owner = self._owner(connection)
-        for claim in claims:
-            if owner is not None and owner == claim["session"]:
-                wrapper.append(owner)
-                return True
+            for claim in claims:
+                second = connection.execute(text("SELECT IS_USED_LOCK(:name)"),
+                                            {"name": claim["nonce"]}).scalar()
+                # Relied on from now: die with the chain up to the wrapper (the lock
+                # dies with the wrapper's connection), and check the chain once asked.
+                if (owner is not None and second is not None and int(second) == owner
+                        and bound_to(claim["pid"])):
+                    wrapper.append(owner)
+                    return True
         return False
 
     def _owner(self, connection: Connection) -> int | None:

@@ -31,13 +31,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 
 from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
 from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost
-from .._held import Held, handed_down, held_here, is_ancestor, take
+from .._held import Held, bound_to, handed_down, held_here, is_ancestor, take
 from .._retry import LockBusy
 from .._urls import describe_url
 from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
@@ -203,10 +204,16 @@ class PostgresBackend(ServerBackend):
             if held.nested:
                 connection.close()
             else:
-                session = connection.execute(text("SELECT pg_backend_pid()")).scalar_one()
+                # A second lock with a random key, on the same session and scope: a
+                # command's check that one session holds both binds the claim to this
+                # session (a backend pid alone could be another, later session's).
+                nonce = _hash64(secrets.token_hex(16))
+                name = "pg_try_advisory_lock" if self.session_scope else (
+                    "pg_try_advisory_xact_lock")
+                connection.execute(text(f"SELECT {name}(:key)"), {"key": nonce})
                 if self.session_scope:
                     connection.commit()  # idle between statements, as _hold_on left it
-                held.for_child = {"dialect": "postgresql", "key": key, "session": session}
+                held.for_child = {"dialect": "postgresql", "key": key, "nonce": nonce}
         except BaseException:
             connection.close()  # ends the session: a lock taken in it goes too
             raise
@@ -243,14 +250,20 @@ class PostgresBackend(ServerBackend):
 
     def _inherited(self, connection: Connection, key: int, wrapper: list[int]) -> bool:
         """This process runs under an `exec` whose session holds ``key`` on this
-        database, and that wrapper is an ancestor of this process (a stale variable
-        naming some other session that holds it must not count). ``wrapper`` gets the
-        session, for the check before COMMIT."""
+        database, and that wrapper is an ancestor of this process: one session holds
+        both ``key`` and the claim's random second key (a stale or copied variable
+        cannot name a session that holds the lock now). ``wrapper`` gets the session,
+        for the check before COMMIT."""
         for claim in handed_down("postgresql"):
-            session = claim.get("session")
-            if claim.get("key") != key or not isinstance(session, int):
+            nonce = claim.get("nonce")
+            if claim.get("key") != key or not isinstance(nonce, int):
                 continue
-            if is_ancestor(claim["pid"]) and _session_holds(connection, key, session):
+            if not is_ancestor(claim["pid"]):
+                continue
+            session = _session_holding_both(connection, key, nonce)
+            # Relied on from now: die with the chain up to the wrapper (the lock dies
+            # with the wrapper's session), and check the chain once that is asked.
+            if session is not None and bound_to(claim["pid"]):
                 wrapper.append(session)
                 return True
         return False
@@ -305,6 +318,24 @@ def _session_holds(connection: Connection, key: int, session: int | None) -> boo
         ),
         {"session": session, "hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF},
     ).scalar())
+
+
+def _session_holding_both(connection: Connection, key: int, nonce: int) -> int | None:
+    """The session that holds both advisory locks on this database, if one does."""
+    unsigned, second = key % _INT64, nonce % _INT64
+    session = connection.execute(
+        text(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 1 AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((classid::bigint = :hi AND objid::bigint = :lo) "
+            "OR (classid::bigint = :nhi AND objid::bigint = :nlo)) "
+            "GROUP BY pid HAVING count(DISTINCT (classid, objid)) = 2"
+        ),
+        {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF,
+         "nhi": second >> 32, "nlo": second & 0xFFFFFFFF},
+    ).scalar()
+    return None if session is None else int(session)
 
 
 def _check_client(connection: Connection) -> None:

@@ -41,7 +41,6 @@ from collections.abc import Callable
 
 from ..._held import handed_down
 from . import _sidefile
-from ._holder import holds_run_lock
 
 try:
     import fcntl
@@ -123,16 +122,20 @@ def inherited(lock_path: str) -> bool:
     if fcntl is None:
         return False
     for claim in handed_down("sqlite"):
-        fd, pid = claim.get("fd"), claim["pid"]
+        fd = claim.get("fd")
         if not isinstance(fd, int) or fd < 0:
             continue
         try:
             if not _sidefile.same_file(fd, lock_path):
                 continue
-            # Held by the wrapper's flock, not free: a free file would be locked anew
-            # below, and then held until this process exits.
-            if not holds_run_lock(pid, lock_path):
+            # Someone holds it exclusively (a probe through a description of its own
+            # cannot share it), not free: a free file would be locked anew below, and
+            # then held until this process exits. Not /proc/locks: in a pid namespace
+            # (a container) the line of a wrapper that died is not shown.
+            if run_lock_held(lock_path) is not True:
                 continue
+            # ... and that someone is the description we inherited: on another one
+            # this fails.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:  # EBADF: not handed down after all; EWOULDBLOCK: not ours
             logger.debug("The run lock %s handed down as descriptor %d is not held here: "

@@ -5,5 +5,7 @@
 
 Variants, side by side in one run: stock Alembic alone and with N racing workers,
 ``filelock.FileLock`` around ``alembic.command.upgrade`` (what users write by hand), and
-this library. See ``python -m bench --help``.
+this library. And ``lock-ready``: N workers each running a framework's own set-up on a
+database already at head, with no lock and inside ``migration_lock(url, ready=...)``.
+See ``python -m bench --help``.
 """

@@ -1,4 +1,5 @@
-"""The timed cases: cold start, warm start, a long chain, and the command line.
+"""The timed cases: cold start, warm start, a long chain, the command line, and a
+framework's set-up in ``migration_lock(ready=...)`` on a database set up already.
 
 Repeats are interleaved (every variant and N once per repeat, then the next repeat), so
 that drift in the machine's speed spreads over all variants alike. One unmeasured
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from . import projects
 from .forked import Round, run_together
 from .projects import Project
 from .stats import Results, Series
-from .variants import OURS, STOCK, Variant
+from .variants import OURS, READY, SETUP, STOCK, Variant, project_url
 
 ALEMBIC_CLI = Path(sys.executable).with_name("alembic")
 
@@ -118,6 +120,51 @@ def cold_and_warm(bench: Bench, variants: Sequence[Variant], cold_ns: Sequence[i
                        state_ok=demo_state_ok(project))
         bench.say(f"  cold+warm repeat {repeat}/{bench.repeats}: "
                   f"{time.monotonic() - started:.1f} s")
+
+
+def lock_ready(bench: Bench, ns: Sequence[int],
+               variants: Sequence[Variant] = READY) -> None:
+    """A warm start of a framework that sets itself up: N workers find the database at
+    head, and each runs the set-up without a lock (``setup``, the floor) or inside
+    ``migration_lock(url, ready=...)``, which must find it ready and not take the lock."""
+    project = bench.project("lock-ready", projects.demo_project, stock=False)
+    rnd = run_together(OURS.work(project.ini), 1, log_path=bench.log_path)
+    if rnd.failed or not demo_state_ok(project):
+        raise RuntimeError(f"could not migrate {project.root}: {rnd.outcomes}")
+    for v in variants:  # unmeasured: compiles bytecode; each ready= must answer yes
+        checks = [v.work(project.ini)]
+        if v is not SETUP:
+            checks.append(partial(_assert_ready, v, project.ini))
+        for check in checks:
+            rnd = run_together(check, 1, log_path=bench.log_path)
+            if rnd.failed:
+                raise RuntimeError(f"{v.name}: {rnd.outcomes[0].error}")
+    shuffler = random.Random(7)
+    for repeat in range(1, bench.repeats + 1):
+        started = time.monotonic()
+        for n in sorted(ns):
+            order = list(variants)
+            shuffler.shuffle(order)  # no variant always follows the same one
+            for v in order:
+                rnd = run_together(v.work(project.ini), n, log_path=bench.log_path)
+                record(bench.results.series("lock-ready", v.name, n), rnd,
+                       state_ok=demo_state_ok(project))
+        bench.say(f"  lock-ready repeat {repeat}/{bench.repeats}: "
+                  f"{time.monotonic() - started:.1f} s")
+
+
+def _assert_ready(variant: Variant, ini: Path) -> None:
+    """In a worker: the variant's ready= answers yes, so its block skips the lock."""
+    from alembic_sqlite_lock._lock import BlockLock  # private: the answer is not exposed
+
+    assert variant.ready_for is not None
+    ready = variant.ready_for(ini)
+    lock = BlockLock(project_url(ini), {})
+    try:
+        if not lock.is_ready(ready):
+            raise RuntimeError(f"ready={ready!r} answered no on a database at head")
+    finally:
+        lock.close()
 
 
 def long_chain(bench: Bench, lengths: Sequence[int]) -> None:

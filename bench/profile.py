@@ -2,9 +2,12 @@
 
     .venv/bin/python -m bench.profile --variant ours --case warm
     .venv/bin/python -m bench.profile --variant stock --case cold --sort tottime
+    .venv/bin/python -m bench.profile --variant ready-ini --case lock-ready
 
 Each run is one forked worker (as in the benchmark) profiled from its start signal to
-its end; the statistics of all runs are merged and the top functions printed.
+its end; the statistics of all runs are merged and the top functions printed. The
+lock-ready case's variants (setup, ready-ini, ready-dir, ready-fn) run on a database
+migrated to head first.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from . import projects
 from .forked import Work, run_together
 from .run import enable_bytecode
-from .variants import BY_NAME
+from .variants import BY_NAME, OURS, READY
 
 
 def _profiled(work: Work, out: Path, index: int) -> Work:
@@ -38,12 +41,15 @@ def _profiled(work: Work, out: Path, index: int) -> Work:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--variant", choices=sorted(BY_NAME), default="ours")
-    parser.add_argument("--case", choices=["cold", "warm"], default="cold")
+    parser.add_argument("--case", choices=["cold", "warm", "lock-ready"], default="cold")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--sort", default="cumulative", help="pstats sort key")
     args = parser.parse_args(argv)
     variant = BY_NAME[args.variant]
+    if (args.case == "lock-ready") != (variant in READY):
+        parser.error("--case lock-ready goes with the variants "
+                     f"{', '.join(v.name for v in READY)}, and only with them")
     enable_bytecode()
     tmp = Path(tempfile.mkdtemp(prefix="alembic-sqlite-lock-profile-"))
     try:
@@ -51,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stats_dir = tmp / "stats"
         stats_dir.mkdir()
         log = tmp / "workers.log"
+        if args.case == "lock-ready":
+            run_together(OURS.work(project.ini), 1, log_path=log)  # to head
         run_together(variant.work(project.ini), 1, log_path=log)  # compiles bytecode
         for index in range(args.runs):
             if args.case == "cold":

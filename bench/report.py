@@ -6,6 +6,8 @@ Floors and targets (the README's Performance section states them too):
 * cold start with N workers: stock solo + stock warm start with N workers (what stock
   Alembic would need if it were safe); ours within 1.15x;
 * warm start with N workers: stock warm start with N workers; ours within 1.10x;
+* lock-ready (N workers each running a framework's set-up on a database at head): the
+  same set-up with no lock; inside ``migration_lock(ready=...)`` within 1.10x for N > 1;
 * hand-off: commit to the waiter holding the lock, median under 2 ms; commit to its next
   revision running, under 2 ms more than a worker alone needs from taking the lock to its
   first revision running (its floor: that set-up is not the hand-off's).
@@ -18,8 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stats import Results, Series
-from .variants import BY_NAME, FILELOCK, OURS, STOCK
+from .stats import Results, Series, median
+from .variants import BY_NAME, FILELOCK, OURS, READY, SETUP, STOCK
 
 HANDOFF_TARGET_S = 0.002
 LEGEND = """\
@@ -27,7 +29,9 @@ Times are from one start signal to the last worker done (forked workers, imports
 before the fork), median and p95 over the repeats. Floor: for one worker, stock Alembic
 alone (cold N = 1); for a cold start with N workers, stock solo + stock warm start with N
 workers (what stock Alembic would need if it were safe); for warm, the command line and
-the long chain, stock Alembic in the same case; for the hand-off to the next revision
+the long chain, stock Alembic in the same case; for lock-ready (each worker runs a
+framework's set-up on a database already at head: create_all, a read of the version),
+the same set-up with no lock; for the hand-off to the next revision
 running, the same variant's worker alone from taking the lock to its first revision
 running. "CPU ms/worker" is user + system time of
 the workers (for the command line: of the whole process). Stock Alembic with N workers
@@ -35,6 +39,7 @@ races: its "failed" column counts workers that raised, per repeat."""
 CASE_TITLES = {
     "cold": "cold",
     "warm": "warm",
+    "lock-ready": "set-up at head, migration_lock(ready=)",
     "cli-cold": "CLI cold",
     "cli-warm": "CLI warm",
     "handoff": "hand-off: commit to next revision running",
@@ -63,6 +68,9 @@ def floor_for(results: Results, case: str, n: int) -> float | None:
         return solo.median if n == 1 else solo.median + warm.median  # type: ignore[union-attr]
     if case.startswith("handoff"):
         return None  # per variant: see _handoff_floor
+    if case == "lock-ready":
+        setup = results.get(case, SETUP.name, n)
+        return None if setup is None else setup.median
     stock = results.get(case, STOCK.name, n)
     return None if stock is None else stock.median
 
@@ -81,17 +89,18 @@ def _target(case: str, n: int) -> tuple[str, float | None]:
         return f"< floor + {HANDOFF_TARGET_S * 1000:.0f} ms", None
     if case == "handoff-lock":
         return f"< {HANDOFF_TARGET_S * 1000:.0f} ms", None
-    if case == "handoff-solo":
+    if case == "handoff-solo" or (case == "lock-ready" and n == 1):
         return "", None
     if case == "cold" and n > 1:
         return "<= 1.15x", 1.15
-    if case == "warm":
+    if case in ("warm", "lock-ready"):
         return "<= 1.10x", 1.10
     return "<= 1.05x", 1.05  # one worker: solo cold, the command line, a long chain
 
 
 def rows(results: Results) -> Iterator[Row]:
-    order = {name: i for i, name in enumerate(["cold", "warm", "cli-cold", "cli-warm"])}
+    order = {name: i for i, name in
+             enumerate(["cold", "warm", "lock-ready", "cli-cold", "cli-warm"])}
     variants = {name: i for i, name in enumerate(BY_NAME)}
 
     def key(s: Series) -> tuple[int, str, int, int]:
@@ -102,7 +111,7 @@ def rows(results: Results) -> Iterator[Row]:
         floor_s = floor_for(results, series.case, series.n) or _handoff_floor(results, series)
         target, limit = _target(series.case, series.n)
         met: bool | None = None
-        if series.variant == OURS.name and series.seconds and target:
+        if _judged(series) and series.seconds and target:
             if series.case == "handoff":
                 met = floor_s is not None and series.median - floor_s < HANDOFF_TARGET_S
             elif series.case.startswith("handoff"):
@@ -110,6 +119,13 @@ def rows(results: Results) -> Iterator[Row]:
             elif floor_s and limit is not None:
                 met = series.median / floor_s <= limit
         yield Row(series.case, series.n, series, floor_s, target if met is not None else "", met)
+
+
+def _judged(series: Series) -> bool:
+    """Held to the target: this library; in lock-ready, each migration_lock() variant."""
+    if series.case == "lock-ready":
+        return series.variant != SETUP.name
+    return series.variant == OURS.name
 
 
 def _ms(seconds: float | None, digits: int = 1) -> str:
@@ -176,6 +192,29 @@ def per_revision(results: Results) -> list[str]:
     return lines
 
 
+def ready_ratios(results: Results) -> list[str]:
+    """lock-ready: each migration_lock(ready=) variant against the set-up with no lock,
+    three ways: the table's ratio of medians, the median of the per-repeat ratios (the
+    variants of a repeat run back to back, so drift in the machine's speed cancels), and
+    the ratio of CPU time per worker (what N workers on 2 cores queue for)."""
+    lines = []
+    for variant in READY[1:]:
+        parts = []
+        for n in sorted({s.n for s in results.all() if s.case == "lock-ready"}):
+            base = results.get("lock-ready", SETUP.name, n)
+            series = results.get("lock-ready", variant.name, n)
+            if not (base and series and base.seconds and series.seconds):
+                continue
+            paired = median([a / b for a, b in zip(series.seconds, base.seconds, strict=False)])
+            cpu = (f"{series.cpu_per_worker_s / base.cpu_per_worker_s:.2f}"
+                   if base.cpu_s and series.cpu_s else "-")
+            parts.append(f"N={n} {series.median / base.median:.2f} (per repeat {paired:.2f}, "
+                         f"CPU {cpu})")
+        if parts:
+            lines.append(f"- {variant.label}: {'; '.join(parts)}")
+    return lines
+
+
 def error_kinds(results: Results) -> list[str]:
     lines = []
     for series in results.all():
@@ -186,20 +225,36 @@ def error_kinds(results: Results) -> list[str]:
     return lines
 
 
+PLOTTED = ("cold", "warm", "lock-ready")
+"""The cases drawn, one panel each (those the run measured)."""
+_PANEL_TITLES = {
+    "cold": "cold start: fresh file, 8 revisions",
+    "warm": "warm start: database already at head",
+    "lock-ready": "framework set-up at head: no lock vs migration_lock(ready=)",
+}
+_STYLES = {
+    STOCK.name: ("tab:red", "x", "stock Alembic, N racing (unsafe)"),
+    FILELOCK.name: ("tab:orange", "s", FILELOCK.label),
+    OURS.name: ("tab:blue", "o", OURS.label),
+    SETUP.name: ("black", "x", "set-up with no lock (the floor)"),
+    **{v.name: (color, marker, v.label) for v, color, marker in
+       zip(READY[1:], ("tab:blue", "tab:purple", "tab:green"), "o^s", strict=True)},
+}
+
+
 def plot(results: Results, path: Path, title: str) -> None:
-    """Time vs N, one line per variant: cold start on the left, warm start on the right."""
+    """Time vs N, one line per variant, one panel per case measured: cold start, warm
+    start, a framework's set-up in migration_lock(ready=)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-    styles = {STOCK.name: ("tab:red", "x", "stock Alembic, N racing (unsafe)"),
-              FILELOCK.name: ("tab:orange", "s", FILELOCK.label),
-              OURS.name: ("tab:blue", "o", OURS.label)}
-    for ax, case in zip(axes, ("cold", "warm"), strict=True):
-        for variant, (color, marker, name) in styles.items():
+    cases = [case for case in PLOTTED if any(s.case == case for s in results.all())]
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 5.2), squeeze=False)
+    for ax, case in zip(axes[0], cases, strict=True):
+        for variant, (color, marker, name) in _STYLES.items():
             series = sorted((s for s in results.all() if s.case == case and s.variant == variant),
                             key=lambda s: s.n)
             label = name
@@ -213,16 +268,21 @@ def plot(results: Results, path: Path, title: str) -> None:
             med = [s.median * 1000 for s in series]
             up = [max(0.0, s.p95 * 1000 - m) for s, m in zip(series, med, strict=True)]
             ax.errorbar(ns, med, yerr=[[0.0] * len(med), up], color=color, marker=marker,
-                        label=label, capsize=3, linewidth=1.5)
-        if case == "cold":
-            ns = sorted({s.n for s in results.all() if s.case == "cold"})
-            floors = [(n, floor_for(results, "cold", n)) for n in ns]
+                        label=label, capsize=3, linewidth=1.5,
+                        linestyle="--" if variant == SETUP.name else "-")
+        if case in ("cold", "lock-ready"):
+            ns = sorted({s.n for s in results.all() if s.case == case})
+            floors = [(n, floor_for(results, case, n)) for n in ns]
             points = [(n, f * 1000) for n, f in floors if f is not None]
-            if points:
+            limit = 1.15 if case == "cold" else 1.10
+            if points and case == "cold":
                 ax.plot([p[0] for p in points], [p[1] for p in points], "k--",
                         label="floor: stock solo + stock warm N", linewidth=1.2)
-                ax.plot([p[0] for p in points], [p[1] * 1.15 for p in points], ":",
-                        color="grey", label="target: 1.15 x floor", linewidth=1)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] * limit for p in points], ":",
+                        color="grey", linewidth=1,
+                        label=f"target{' (N > 1)' if case == 'lock-ready' else ''}: "
+                              f"{limit:.2f} x floor")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sorted({s.n for s in results.all() if s.case == case}))
@@ -233,8 +293,7 @@ def plot(results: Results, path: Path, title: str) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("N workers released at once")
         ax.set_ylabel("ms until the last worker is done (median; bar to p95)")
-        ax.set_title("cold start: fresh file, 8 revisions" if case == "cold"
-                     else "warm start: database already at head")
+        ax.set_title(_PANEL_TITLES[case], fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

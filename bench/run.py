@@ -20,7 +20,7 @@ from .stats import Results
 from .variants import ALL, FILELOCK, OURS, STOCK
 
 RESULTS = REPO / "bench" / "results"
-SECTIONS = ("start", "cli", "chain", "handoff")
+SECTIONS = ("start", "lock-ready", "cli", "chain", "handoff")
 
 
 def _ints(text: str) -> list[int]:
@@ -37,6 +37,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="N for the cold start (default 1,4,10,32,64)")
     parser.add_argument("--warm-ns", type=_ints, default=[1, 10, 32],
                         help="N for the warm start (default 1,10,32)")
+    parser.add_argument("--ready-ns", type=_ints, default=[1, 32],
+                        help="N for lock-ready: a framework's set-up on a database at head, "
+                             "without a lock and in migration_lock(ready=...) (default 1,32)")
     parser.add_argument("--chain", type=_ints, default=[20, 80],
                         help="long-chain lengths; the per-revision cost is the slope between "
                              "the first and the last (default 20,80)")
@@ -79,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             warm = {STOCK.name: sorted(set(args.ns) | set(args.warm_ns)),
                     FILELOCK.name: args.warm_ns, OURS.name: args.warm_ns}
             cases.cold_and_warm(bench, ALL, args.ns, warm)
+        if "lock-ready" in args.only:
+            say(f"framework set-up in migration_lock(ready=) at head, N={args.ready_ns}")
+            cases.lock_ready(bench, args.ready_ns)
         if "cli" in args.only:
             say("command line")
             cases.command_line(bench)
@@ -130,6 +136,11 @@ def render(machine: list[tuple[str, str]], results: Results, args: argparse.Name
     slopes = report.per_revision(results)
     if slopes:
         parts += ["Cost per revision (long chain, one worker):", "", *slopes, ""]
+    ready = report.ready_ratios(results)
+    if ready:
+        parts += ["Set-up at head, migration_lock(ready=) ÷ the same set-up with no lock "
+                  "(median ÷ median; median of the per-repeat ratios; CPU per worker):", "",
+                  *ready, ""]
     errors = report.error_kinds(results)
     if errors:
         parts += ["Why workers failed:", "", *errors, ""]
@@ -143,7 +154,7 @@ def write(out: Path, text: str, results: Results, machine: list[tuple[str, str]]
     (out / "bench.md").write_text(text)
     (out / "bench.json").write_text(json.dumps(
         {"machine": dict(machine), "series": [s.as_dict() for s in results.all()]}, indent=1))
-    has_plot = any(s.case in ("cold", "warm") for s in results.all())
+    has_plot = any(s.case in report.PLOTTED for s in results.all())
     if has_plot:
         report.plot(results, out / "bench.png", title)
     say(f"wrote {out / 'bench.md'}" + (f" and {out / 'bench.png'}" if has_plot else ""))

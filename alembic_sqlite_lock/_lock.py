@@ -295,7 +295,14 @@ def _ready_config(ready: Config | str | os.PathLike[str]) -> Config:
         config.set_main_option("script_location", path)
         return config
     if os.path.isfile(path):
-        return Config(path)
+        config = Config(path)
+        get_option = getattr(config, "get_alembic_option", config.get_main_option)
+        try:
+            has_scripts = bool(get_option("script_location"))
+        except Exception:  # not an ini at all: configparser's errors
+            has_scripts = False
+        if has_scripts:
+            return config
     msg = (
         f"ready= names {os.path.abspath(path)}, which is neither an alembic.ini nor a "
         "folder of migration scripts (one with an env.py). Pass a function that tells "
@@ -449,7 +456,7 @@ def _resolve_target(target: LockTarget) -> tuple[Config, dict[str, str], str]:
     if isinstance(target, URL):
         target = target.render_as_string(hide_password=False)
     if isinstance(target, str) and "://" in target:
-        return Config(), {"sqlalchemy.url": target}, "the URL given to migration_lock()"
+        return Config(), {"sqlalchemy.url": target}, "the URL given"
     config = _as_config(target)
     section = config.get_section(config.config_ini_section, {})
     where = (f"the [{config.config_ini_section}] section of "

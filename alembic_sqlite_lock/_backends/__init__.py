@@ -116,14 +116,14 @@ def open_backend(
     except (exc.ArgumentError, ValueError) as error:  # ValueError: a bad port number
         # Not chained: the message says all, and int()'s would quote the "port", a
         # password when "user:password" lost its "@host" (shown by --verbose).
-        raise bad_url(shown, error, ini) from None
+        raise bad_url(shown, error, ini, given=not where.startswith("the [")) from None
     module = _module(name)
     if module is None:
         raise _unsupported(name, shown)
     try:
         backend: Backend = module.open_backend(section, handed_in, options)
     except (exc.ArgumentError, ValueError) as error:  # create_engine's, on the same URL
-        raise bad_url(shown, error, ini) from None
+        raise bad_url(shown, error, ini, given=not where.startswith("the [")) from None
     return backend
 
 
@@ -196,8 +196,12 @@ def _unsupported(name: str, shown: str) -> ConfigurationError:
     return ConfigurationError(msg)
 
 
-def bad_url(shown: str, error: Exception, ini: str | None) -> ConfigurationError:
-    """sqlalchemy.url cannot be parsed, or is not a valid URL of its database."""
+def bad_url(
+    shown: str, error: Exception, ini: str | None, *, given: bool = False
+) -> ConfigurationError:
+    """sqlalchemy.url cannot be parsed, or is not a valid URL of its database.
+    ``given``: the URL was given as such (migration_lock(url), exec --url), not read
+    from a configuration."""
     reason = str(error).splitlines()[0].rstrip(".")
     if reason.startswith("invalid literal for int()"):
         # Not the literal itself: in "user:password" with the "@host" forgotten,
@@ -207,10 +211,11 @@ def bad_url(shown: str, error: Exception, ini: str | None) -> ConfigurationError
         # "Could not parse SQLAlchemy URL from string '<the URL as written>'" (SQLAlchemy
         # 2.0.0 quotes it whole, password and all): the URL is shown masked already.
         reason = "SQLAlchemy cannot parse it"
-    where = ini or "the Alembic configuration"
+    subject = "The database URL given" if given else (
+        f"sqlalchemy.url in {ini or 'the Alembic configuration'}")
     if shown.startswith(("postgres", "mysql", "mariadb")):
         msg = (
-            f"sqlalchemy.url in {where} is not a valid database URL ({shown}): {reason}. "
+            f"{subject} is not a valid database URL ({shown}): {reason}. "
             "Use postgresql://user:password@host:5432/dbname or "
             "mysql://user:password@host:3306/dbname (a port is a number; a special "
             "character in the password is %-encoded, and written %% in alembic.ini). "
@@ -218,7 +223,7 @@ def bad_url(shown: str, error: Exception, ini: str | None) -> ConfigurationError
         )
         return ConfigurationError(msg)
     msg = (
-        f"sqlalchemy.url in {where} is not a valid SQLite URL "
+        f"{subject} is not a valid SQLite URL "
         f"({shown}): {reason}. Use sqlite:///relative/path.db, sqlite:////absolute/path.db, "
         "or sqlite:///%(here)s/app.db for a file beside alembic.ini. Nothing was run."
     )

@@ -65,7 +65,7 @@ examples:
   alembic-sqlite-lock exec --url sqlite:///mlflow.db -- mlflow db upgrade sqlite:///mlflow.db
   alembic-sqlite-lock exec --url sqlite:///optuna.db -- optuna storage upgrade \\
       --storage sqlite:///optuna.db
-  alembic-sqlite-lock exec -c alembic.ini -- flask db upgrade
+  alembic-sqlite-lock exec --url sqlite:///instance/app.db -- flask db upgrade
 
 The command's own runs on the same database (an env.py that uses run_migrations,
 migration_lock()) see the lock is held for them and go on. If this process is killed,

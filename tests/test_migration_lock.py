@@ -20,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -84,10 +85,15 @@ def _seed_after_barrier(lock: str | None, url: str, barrier: object) -> None:
 
 def seed_in_processes(lock: str | None, url: str) -> list[int | None]:
     """WORKERS forked processes run the setup at one instant; their exit codes."""
+    return released_together(_seed_after_barrier, lock, url)
+
+
+def released_together(target: Callable[..., None], *args: object) -> list[int | None]:
+    """WORKERS forked processes each run ``target(*args, barrier)``, which waits at the
+    barrier first so that they start at one instant; their exit codes."""
     fork = multiprocessing.get_context("fork")
     barrier = fork.Barrier(WORKERS, timeout=60)
-    procs = [fork.Process(target=_seed_after_barrier, args=(lock, url, barrier))
-             for _ in range(WORKERS)]
+    procs = [fork.Process(target=target, args=(*args, barrier)) for _ in range(WORKERS)]
     for proc in procs:
         proc.start()
     for proc in procs:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -30,7 +29,7 @@ from conftest import DEMO_REVISIONS, Project, make_project
 from servers import wait_until
 from test_backend_contract import Backend, SQLite, backend
 from test_exec import waiting_here
-from test_migration_lock import WORKERS, Holder, lock_url
+from test_migration_lock import WORKERS, Holder, lock_url, released_together
 
 from alembic_sqlite_lock import (
     ConfigurationError,
@@ -257,18 +256,7 @@ def _block_after_barrier(url: str, ready: str | None, entered: str, barrier: Any
 def blocks_in_processes(url: str, ready: str | None, entered: Path) -> list[int | None]:
     """WORKERS forked processes enter a block at one instant; their exit codes."""
     entered.mkdir()
-    fork = multiprocessing.get_context("fork")
-    barrier = fork.Barrier(WORKERS, timeout=60)
-    procs = [fork.Process(target=_block_after_barrier, args=(url, ready, str(entered), barrier))
-             for _ in range(WORKERS)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    return [proc.exitcode for proc in procs]
+    return released_together(_block_after_barrier, url, ready, str(entered))
 
 
 def test_workers_at_a_ready_database_all_run_while_the_lock_is_held(

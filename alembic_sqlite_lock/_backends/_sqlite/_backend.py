@@ -26,13 +26,14 @@ from typing import Any
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from ... import _sidefile
 from ..._errors import RAISE_DEADLINE, ConfigurationError, LockFileUnusable, MigrationLockError
 from ..._held import Held, held_here, take
 from ..._retry import LockBusy, RetryPolicy
 from ..._settings import Settings
 from ..._urls import describe_url
 from .._base import SideFiles, autocommit_refused, migration_engine
-from . import _diagnose, _holder, _sidefile
+from . import _diagnose, _holder
 from ._runlock import RunLock, Unusable, inherited, lock_path_for
 from ._sidecar import Sidecar
 

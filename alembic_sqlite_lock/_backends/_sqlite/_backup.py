@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..._errors import BackupFailed
-from ._sidefile import (
+from ..._sidefile import (
     Owner,
     UnsafeSideFile,
     open_existing,

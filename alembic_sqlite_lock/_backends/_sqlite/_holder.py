@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeGuard
 
-from . import _sidefile
+from ... import _sidefile
 
 logger = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from ... import _sidefile
 from ..._held import handed_down
-from . import _sidefile
 
 try:
     import fcntl

@@ -6,11 +6,14 @@ PY := $(VENV)/bin/python
 TEST_WORKERS ?= 4
 
 .PHONY: demo test test-lowest test-frameworks test-alembic-suite test-alembic-suite-lowest \
-	container-test bench lint dist clean
+	container-test bench lint dist test-wheel clean
 
-$(VENV)/.installed: pyproject.toml
+# The test extra's mysqlclient builds from source: scripts/install_build_deps.sh installs
+# what it needs from Debian when missing (libmysqlclient's headers, pkg-config).
+$(VENV)/.installed: pyproject.toml scripts/install_build_deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	bash scripts/install_build_deps.sh
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
@@ -21,9 +24,10 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The same suite against the lowest alembic and SQLAlchemy that pyproject.toml allows.
-.venv-lowest/.installed: pyproject.toml constraints/lowest.txt
+.venv-lowest/.installed: pyproject.toml constraints/lowest.txt scripts/install_build_deps.sh
 	$(PYTHON) -m venv .venv-lowest
 	.venv-lowest/bin/python -m pip install --quiet --upgrade pip
+	bash scripts/install_build_deps.sh
 	.venv-lowest/bin/python -m pip install --quiet -e '.[test]' -c constraints/lowest.txt
 	touch $@
 
@@ -35,9 +39,10 @@ test-lowest: .venv-lowest/.installed
 # virtualenv of their own). `make test` does not collect that folder (pyproject.toml's
 # norecursedirs); naming it here does. Two workers: these tests keep both cores busy.
 FRAMEWORK_TEST_WORKERS ?= 2
-.venv-frameworks/.installed: pyproject.toml constraints/frameworks.txt
+.venv-frameworks/.installed: pyproject.toml constraints/frameworks.txt scripts/install_build_deps.sh
 	$(PYTHON) -m venv .venv-frameworks
 	.venv-frameworks/bin/python -m pip install --quiet --upgrade pip
+	bash scripts/install_build_deps.sh
 	.venv-frameworks/bin/python -m pip install --quiet -e '.[test]' -r constraints/frameworks.txt
 	touch $@
 
@@ -80,11 +85,20 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy tests/typing
 
-# The sdist and the wheel (built from that sdist) in dist/, as they would be uploaded.
+# The sdist and the wheel (built from that sdist) in dist/, as they would be uploaded,
+# and `twine check --strict` on them (the metadata PyPI reads, the README's content type).
 # A stale egg-info's SOURCES.txt would add files that pyproject.toml no longer ships.
 dist: $(VENV)/.installed
 	rm -rf dist build *.egg-info
 	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+
+# The wheel as a user installs it (scripts/wheel_smoke.py): `make dist`, then a new
+# virtualenv in a temporary folder, `pip install dist/*.whl` (SQLAlchemy and Alembic from
+# the package index), and from a folder outside the checkout, PYTHONPATH unset: the
+# versions agree, --help, init, upgrade head, status, and the demo. About a minute.
+test-wheel: dist
+	$(PY) scripts/wheel_smoke.py dist/*.whl
 
 clean:
 	rm -rf $(VENV) .venv-lowest .venv-frameworks .cache/alembic-suite .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

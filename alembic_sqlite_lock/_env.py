@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 
 from . import _alembic, _steps
 from ._alembic import StepsFn
-from ._backends import Backend, RunOptions, SideFiles, open_backend
+from ._backends import Backend, RunOptions, SideFiles, drive_run, open_backend
 from ._errors import ConfigurationError, MigrationLockError, RollbackFailed, busy_reading
 from ._progress import Progress, describe, log_applied, migration_error, revisions
 from ._retry import RetryPolicy, acquire
@@ -95,7 +95,8 @@ def run_migrations(
         if env.is_offline_mode():
             _run_offline(env, kwargs)
         else:
-            _OnlineRun(env, kwargs, state, settings).run()
+            # An async driver's connections work only inside a greenlet on an event loop.
+            drive_run(env.config, _OnlineRun(env, kwargs, state, settings).run)
     finally:
         state.inside = False
 

@@ -8,6 +8,7 @@ missing server is a failure: CI must never pass by skipping them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -183,3 +184,41 @@ def add_sleeping_revision(project: Project, rev: str, down: str, sleep_sql: str)
         f'op.create_table("t{rev}", sa.Column("id", sa.Integer, primary_key=True))',
         header=SLEEPING_REVISION_HEADER,
     )
+
+
+# Drivers (tests/test_drivers.py) -------------------------------------------------------
+
+
+def with_driver(url: str, driver: str, query: str = "") -> str:
+    """``url`` (as postgresql_url() or mysql_url() give it) naming ``driver``, with
+    ``query`` (``name=value&...``) added."""
+    parsed = sa.make_url(url)
+    parsed = parsed.set(drivername=f"{parsed.get_backend_name()}+{driver}")
+    if query:
+        parsed = parsed.update_query_string(query)
+    return parsed.render_as_string(hide_password=False)
+
+
+def hiding(folder: Path, modules: tuple[str, ...]) -> dict[str, str]:
+    """The environment for a Python process in which ``modules`` cannot be imported, as
+    if they were not installed: a sitecustomize.py in ``folder`` (put on PYTHONPATH) sets
+    their sys.modules entries to None before anything runs."""
+    env = dict(os.environ)
+    if not modules:
+        return env
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in modules))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def require_modules(*modules: str) -> None:
+    """Skip (fail under CI=true) unless every one of ``modules`` can be imported."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        reason = f"not installed: {', '.join(missing)} (pip install -e '.[test]')"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (CI=true: these tests must run)")
+        pytest.skip(reason)

@@ -1,32 +1,45 @@
 """The distribution as a user gets it, not the checkout that `make test` installs editable.
 
 An editable install imports straight from the source tree, so a subpackage or a template
-file that pyproject.toml forgets to ship still passes every other test. This one builds
-the sdist and the wheel (from that sdist, as `make dist` does), checks the wheel's file
-list, installs the wheel into a new, clean virtualenv and runs `alembic-sqlite-lock init`
-and both upgrade commands from a folder outside the repository.
+file that pyproject.toml forgets to ship still passes every other test. The slow test
+builds the sdist and the wheel (from that sdist, as `make dist` does), checks the wheel's
+file list and version, runs `twine check --strict` on both, installs the wheel into a
+new, clean virtualenv and runs scripts/wheel_smoke.py's checks from folders outside the
+repository (what `make test-wheel` runs on dist/): the package imported from that
+virtualenv, one version everywhere, `--help`, `init`, `alembic upgrade head`,
+`alembic-sqlite-lock upgrade head`, `status` and the demo with that virtualenv's python.
 
-Needs the `build` package (the test extra) and the package index (build isolation
-fetches setuptools; the clean venv's pip fetches SQLAlchemy and Alembic, pinned to this
-venv's versions so that pip's cache serves them). Skipped without them, but with
-CI=true it fails instead.
+The slow test needs the `build` and `twine` packages (the test extra) and the package
+index (build isolation fetches setuptools; the clean venv's pip fetches SQLAlchemy and
+Alembic, pinned to this venv's versions so that pip's cache serves them). Skipped
+without them, but with CI=true it fails instead. The fast tests check that the version
+is written in one place and that CHANGELOG.md's top entry is that version.
 """
 
 from __future__ import annotations
 
+import datetime
+import email.parser
 import importlib.metadata
 import importlib.util
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tarfile
-import textwrap
 import zipfile
 from pathlib import Path
 
 import pytest
+from wheel_smoke import SmokeError, changelog_top, make_venv, smoke, source_version
+
+import alembic_sqlite_lock
+from alembic_sqlite_lock._cli import main
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "alembic_sqlite_lock"
@@ -43,7 +56,8 @@ NOT_COPIED = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-in
 """Left behind when the tree is copied for the build: a stale egg-info's SOURCES.txt or
 build/lib/ would put files into the distribution that pyproject.toml does not."""
 
-pytestmark = pytest.mark.slow
+VERSION_ATTR = "alembic_sqlite_lock._version.__version__"
+"""Where setuptools reads the version (pyproject.toml's [tool.setuptools.dynamic])."""
 
 
 def _unavailable(reason: str) -> None:
@@ -63,8 +77,9 @@ def _run(argv: list[str | Path], cwd: Path, env: dict[str, str] | None = None,
 
 
 def _require_build_tools(cwd: Path) -> None:
-    if importlib.util.find_spec("build") is None:
-        _unavailable("the `build` package is not installed (pip install -e '.[test]')")
+    for tool in ("build", "twine"):
+        if importlib.util.find_spec(tool) is None:
+            _unavailable(f"the `{tool}` package is not installed (pip install -e '.[test]')")
     probe = subprocess.run(
         [sys.executable, "-m", "pip", "index", "versions", "setuptools", "--retries", "0",
          "--timeout", "15", "--disable-pip-version-check"],
@@ -106,6 +121,17 @@ def _check_wheel(wheel: Path, source: Path) -> None:
         assert not any(name.startswith(f"{folder}/") for name in names), folder
 
 
+def _wheel_version(wheel: Path) -> str:
+    """The Version of the wheel's METADATA, which pip and PyPI read."""
+    with zipfile.ZipFile(wheel) as archive:
+        [metadata] = [name for name in archive.namelist()
+                      if name.endswith(".dist-info/METADATA")]
+        text = archive.read(metadata).decode("utf-8")
+    version = email.parser.Parser().parsestr(text, headersonly=True)["Version"]
+    assert version, f"{wheel.name}'s METADATA has no Version"
+    return str(version)
+
+
 def _check_sdist(sdist: Path, source: Path) -> None:
     with tarfile.open(sdist) as archive:
         names = {"/".join(name.split("/")[1:]) for name in archive.getnames()}
@@ -124,17 +150,58 @@ def _pins() -> str:
     return "\n".join(sorted(pins.values())) + "\n"
 
 
-def _version_row(database: Path) -> list[tuple[str, ...]]:
-    with sqlite3.connect(database) as connection:
-        return connection.execute("SELECT version_num FROM alembic_version").fetchall()
+def test_the_version_is_written_in_one_place() -> None:
+    """alembic_sqlite_lock/_version.py: setuptools reads it for the metadata, the package
+    and `--version` import it; no other file writes the version out."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "version" not in pyproject["project"]
+    assert "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": VERSION_ATTR}
+    version = alembic_sqlite_lock.__version__
+    assert source_version() == version
+
+    quoted = (f'"{version}"', f"'{version}'")
+    writers = []
+    for folder, dirs, files in os.walk(REPO):
+        # Not the virtualenvs, caches, build output (dot folders, build/, dist/).
+        dirs[:] = [name for name in dirs if not name.startswith(".")
+                   and name not in {"build", "dist", "__pycache__"}
+                   and not name.endswith(".egg-info")]
+        for name in files:
+            path = Path(folder, name)
+            if (path.suffix in {".py", ".toml", ".cfg", ".ini", ".mako", ".txt", ".md"}
+                    and path != REPO / PACKAGE / "_version.py"
+                    and any(literal in path.read_text(encoding="utf-8", errors="replace")
+                            for literal in quoted)):
+                writers.append(path.relative_to(REPO).as_posix())
+    assert not writers, f"these files write out the version {version} (read _version.py)"
 
 
+def test_version_option_shows_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out == f"{DIST_NAME} {alembic_sqlite_lock.__version__}\n"
+
+
+def test_changelog_top_entry_is_this_version() -> None:
+    """The release a user installs is the one the changelog's top entry describes."""
+    version, date = changelog_top()
+    assert version == alembic_sqlite_lock.__version__, (
+        f"CHANGELOG.md's top entry is {version}, _version.py says "
+        f"{alembic_sqlite_lock.__version__}")
+    if date != "unreleased":
+        datetime.date.fromisoformat(date)  # a real date, not 2026-13-40
+
+
+@pytest.mark.slow
 def test_the_built_wheel_ships_everything_and_runs_from_a_clean_venv(tmp_path: Path) -> None:
     assert not tmp_path.resolve().is_relative_to(REPO), "the test must run outside the repo"
     _require_build_tools(tmp_path)
 
     # 1. sdist and wheel, the wheel built from the unpacked sdist as `make dist` does, from
-    # a copy of the tree as a fresh clone has it (and the build writes nothing here).
+    # a copy of the tree as a fresh clone has it (and the build writes nothing here); then
+    # `twine check --strict` as `make dist` runs it.
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=NOT_COPIED)
     out = tmp_path / "dist"
@@ -143,66 +210,21 @@ def test_the_built_wheel_ships_everything_and_runs_from_a_clean_venv(tmp_path: P
     [sdist] = out.glob("*.tar.gz")
     _check_sdist(sdist, source)
     _check_wheel(wheel, source)
+    version = alembic_sqlite_lock.__version__
+    assert _wheel_version(wheel) == version
+    assert wheel.name.startswith(f"{PACKAGE}-{version}-"), wheel.name
+    assert sdist.name == f"{PACKAGE}-{version}.tar.gz", sdist.name
+    _run([sys.executable, "-m", "twine", "check", "--strict", wheel, sdist], cwd=tmp_path)
 
-    # 2. A clean venv (no --system-site-packages), the wheel and its declared dependencies.
+    # 2. A clean venv (no --system-site-packages), the wheel and its declared dependencies
+    # (not editable, not the checkout), this venv's versions as constraints.
     fresh = tmp_path / "fresh"
-    _run([sys.executable, "-m", "venv", fresh], cwd=tmp_path)
-    bin_dir = fresh / "bin"
     constraints = tmp_path / "constraints.txt"
     constraints.write_text(_pins(), encoding="utf-8")
-    _run([bin_dir / "python", "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-          "-c", constraints, wheel], cwd=tmp_path)
-
-    # Nothing from the checkout or the test venv: no PYTHONPATH, cwd outside the repo.
-    env = {key: value for key, value in os.environ.items()
-           if key not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"}}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONNOUSERSITE"] = "1"
-    project = tmp_path / "project"
-    project.mkdir()
-    where = _run([bin_dir / "python", "-c",
-                  "import alembic, alembic_sqlite_lock, importlib.resources as r; "
-                  "print(alembic.__file__); print(alembic_sqlite_lock.__file__); "
-                  "print(r.files('alembic_sqlite_lock').joinpath('py.typed').is_file())"],
-                 cwd=project, env=env).split()
-    assert where[2] == "True", where
-    for module_file in where[:2]:
-        assert Path(module_file).resolve().is_relative_to(fresh.resolve()), where
-
-    # 3. init, a revision from init's script.py.mako, `alembic upgrade head`; then a
-    # hand-written revision and `alembic-sqlite-lock upgrade`.
-    _run([bin_dir / "alembic-sqlite-lock", "init", "migrations"], cwd=project, env=env,
-         timeout=120)
-    env_py = project / "migrations" / "env.py"
-    assert "run_migrations" in env_py.read_text(encoding="utf-8")
-    assert (project / "alembic.ini").is_file()
-    assert (project / "migrations" / "versions").is_dir()
-
-    _run([bin_dir / "alembic", "revision", "-m", "first", "--rev-id", "0001"], cwd=project,
-         env=env, timeout=120)
-    _run([bin_dir / "alembic", "upgrade", "head"], cwd=project, env=env, timeout=120)
-    database = project / "app.db"
-    assert _version_row(database) == [("0001",)]
-
-    (project / "migrations" / "versions" / "0002_things.py").write_text(textwrap.dedent("""\
-        import sqlalchemy as sa
-        from alembic import op
-
-        revision = "0002"
-        down_revision = "0001"
-        branch_labels = None
-        depends_on = None
-
-
-        def upgrade() -> None:
-            op.create_table("things", sa.Column("id", sa.Integer, primary_key=True))
-
-
-        def downgrade() -> None:
-            op.drop_table("things")
-        """), encoding="utf-8")
-    _run([bin_dir / "alembic-sqlite-lock", "upgrade"], cwd=project, env=env, timeout=120)
-    assert _version_row(database) == [("0002",)]
-    with sqlite3.connect(database) as connection:
-        assert connection.execute("SELECT count(*) FROM things").fetchone() == (0,)
-    _run([bin_dir / "alembic-sqlite-lock", "status"], cwd=project, env=env, timeout=120)
+    # 3. From folders outside the repository, PYTHONPATH unset: where the package is
+    # imported from, one version everywhere, the console scripts, the demo.
+    try:
+        make_venv(fresh, wheel, constraints=constraints, python=sys.executable)
+        smoke(fresh, tmp_path / "work", log=lambda line: None)
+    except SmokeError as error:
+        pytest.fail(str(error))

@@ -200,7 +200,7 @@ def test_autocommit_block_needs_a_session_scoped_lock(
 
 
 @pytest.mark.parametrize(("driver", "extra"), [("postgresql+pg8000", "postgresql"),
-                                               ("mysql+mysqldb", "mysql")])
+                                               ("mysql+mariadbconnector", "mysql")])
 def test_a_driver_that_is_not_installed_names_the_package(
     tmp_path: Path, driver: str, extra: str
 ) -> None:

@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from conftest import run_together
+from sqlalchemy.pool import NullPool
 
 import alembic
 
@@ -190,3 +192,65 @@ def test_control_the_stock_multidb_template_goes_wrong(tmp_path: Path) -> None:
            for line in re.findall(r"Running upgrade .*", worker.stderr)]
     failed = [worker for worker in finished if worker.returncode != 0]
     assert failed or len(ran) > len(REVISIONS) * 2
+
+
+# `alembic-sqlite-lock init --async`: the async template's env.py, written by us ----------
+
+CLI = str(Path(sys.executable).with_name("alembic-sqlite-lock"))
+
+
+def init_async(root: Path, *url: str) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run([CLI, "init", "--async", "migrations", *(("--url", *url) if url else ())],
+                   cwd=root, capture_output=True, text=True, timeout=60, check=True)
+    env_py = (root / "migrations" / "env.py").read_text()
+    assert "run_migrations(context, target_metadata)" in env_py
+    assert "import asyncio" not in env_py  # one call: no async code left in env.py
+    write_revisions(root / "migrations" / "versions")
+
+
+def upgrade_together_once(root: Path) -> None:
+    """WORKERS `alembic upgrade head` at one instant: our alembic.ini logs our lines
+    (not Alembic's): each revision "Applied" once in all."""
+    finished = run_together([["alembic", "upgrade", "head"]] * WORKERS, cwd=root)
+    for worker in finished:
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+    applied = [rev for worker in finished
+               for rev in re.findall(r"Applied migration: (\w+)", worker.stderr)]
+    assert sorted(applied) == sorted(REVISIONS), applied
+
+
+def test_init_async_on_sqlite_with_aiosqlite(tmp_path: Path) -> None:
+    init_async(tmp_path)
+    assert "sqlalchemy.url = sqlite+aiosqlite:///%(here)s/app.db" in (
+        tmp_path / "alembic.ini").read_text()
+    upgrade_together_once(tmp_path)
+    assert_migrated_once(tmp_path / "app.db")
+
+
+@pytest.mark.slow
+def test_init_async_on_postgresql_with_asyncpg(tmp_path: Path) -> None:
+    """The asyncpg URL of a FastAPI app, once through psycopg (installed), once through
+    asyncpg itself (asyncpg's own URL option: psycopg would not read it)."""
+    from servers import PG_ADMIN, admin_engine, postgresql_database, postgresql_url, with_driver
+
+    admin = admin_engine(PG_ADMIN)
+    try:
+        for query in ("", "prepared_statement_cache_size=100"):
+            with postgresql_database(admin) as name:
+                root = tmp_path / (query or "plain")
+                url = with_driver(postgresql_url(name), "asyncpg", query)
+                init_async(root, url)
+                upgrade_together_once(root)
+                engine = sa.create_engine(with_driver(postgresql_url(name), "psycopg"),
+                                          poolclass=NullPool)
+                try:
+                    with engine.connect() as connection:
+                        assert connection.exec_driver_sql(
+                            "SELECT version_num FROM alembic_version").all() == [("0003",)]
+                        assert connection.exec_driver_sql(
+                            "SELECT id, name FROM items").all() == [(1, None)]
+                finally:
+                    engine.dispose()
+    finally:
+        admin.dispose()

@@ -16,6 +16,11 @@ has ``open_backend(section, handed_in, options)``; it is imported only when a ru
 it, so a SQLite run never imports the server code. A new database: a module here with
 that function, and a line in :data:`BACKENDS`.
 
+A server URL may name any driver a SQLAlchemy 2 user is likely to have (psycopg,
+psycopg2, asyncpg, psycopg's async mode; PyMySQL, mysqlclient, aiomysql, asyncmy): which
+one a run goes through, and how an async one is driven, is ``_drivers``';
+:func:`drive_run` wraps a run in what its driver needs.
+
 The command line asks a few things of a database that are not a run (does its file
 exist, where is it, what lies beside it): :func:`missing_database`,
 :func:`database_path`, :func:`database_file` and :func:`files_beside` ask the backend
@@ -49,6 +54,7 @@ from ._base import (
     ServerBackend,
     SideFiles,
 )
+from ._drivers import drive_run
 
 __all__ = [
     "BACKENDS",
@@ -62,6 +68,7 @@ __all__ = [
     "SideFiles",
     "database_file",
     "database_path",
+    "drive_run",
     "files_beside",
     "missing_database",
     "open_backend",
@@ -93,6 +100,15 @@ def open_backend(
     (the file) for the error when the URL is not valid.
     """
     if handed_in is not None:
+        if type(handed_in).__name__ == "AsyncConnection":  # not imported for a sync app
+            msg = (
+                "config.attributes['connection'] is an AsyncConnection; hand in its "
+                "synchronous face instead, as Alembic's async template does: `await "
+                "connection.run_sync(do_run_migrations)`, with do_run_migrations(connection) "
+                "setting config.attributes['connection'] = connection and running the "
+                "command. Or hand in none and let the run connect from sqlalchemy.url."
+            )
+            raise ConfigurationError(msg)
         if not isinstance(handed_in, Connection):
             msg = (
                 "config.attributes['connection'] must be a SQLAlchemy Connection "

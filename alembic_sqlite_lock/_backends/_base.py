@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import Column, MetaData, String, Table, exc, select
-from sqlalchemy.engine import URL, Connection, Engine, engine_from_config
+from sqlalchemy.engine import URL, Connection, Engine, engine_from_config, make_url
 from sqlalchemy.pool import NullPool
 
 from .._errors import ConfigurationError, DatabaseUnreadable, MigrationLockError
@@ -425,32 +425,33 @@ def migration_engine(
 
 def missing_driver(url: str, error: ImportError, extra: str) -> ConfigurationError:
     """The error for a server URL whose driver is not installed."""
+    backend = make_url(url).get_backend_name()
     msg = (
         f"The database driver for {describe_url(url)} is not installed ({error}). "
-        f"Install it with: pip install 'alembic-sqlite-lock[{extra}]'"
+        f"Install it, or the one our extra brings with: pip install "
+        f"'alembic-sqlite-lock[{extra}]' (then write {backend}:// without a driver)"
     )
     return ConfigurationError(msg)
 
 
 def open_server(
     backend: Callable[[Mapping[str, str], RunOptions], Backend],
+    handed_in_backend: Callable[[Connection, RunOptions], Backend],
     section: Mapping[str, str] | None,
     handed_in: Connection | None,
     options: RunOptions,
 ) -> Backend:
     """A server backend's entry in the registry: its own engine from the alembic.ini
-    section; a handed-in connection is refused for now."""
+    section, or the connection handed in (``config.attributes["connection"]``), locked
+    the same way."""
     if handed_in is not None:
-        raise refuse_handed_in(describe_url(handed_in.engine.url))
+        return handed_in_backend(handed_in, options)
     assert section is not None
     return backend(section, options)
 
 
-def refuse_handed_in(shown: str) -> ConfigurationError:
-    """A connection handed in on a database whose backend cannot lock one yet."""
-    msg = (
-        f"A connection handed to env.py in config.attributes['connection'] "
-        f"({shown}) is supported on SQLite only for now. Let the run make its own "
-        "connections from sqlalchemy.url in alembic.ini."
-    )
-    return ConfigurationError(msg)
+def block_url(url: URL) -> str:
+    """A server database's URL as the identity of its lock in ``_held``: without its
+    password, and without its driver (a run through asyncpg inside a block taken
+    through psycopg holds the same lock)."""
+    return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)

@@ -14,24 +14,35 @@ statements of the failing revision that ran before the error.
 
 The lock name is server-wide, so it includes the database (schema) and version table;
 the ``lock_key`` setting replaces it (64 characters at most).
+
+A connection handed in through ``config.attributes["connection"]`` gets ``GET_LOCK`` with
+the same name on that connection itself (:class:`MySQLHandedIn`): no second connection
+is opened from the caller's engine.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 from sqlalchemy import exc, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost, LockNotTaken
+from .._errors import (
+    RAISE_DEADLINE,
+    ConfigurationError,
+    LockLost,
+    LockNotTaken,
+    MigrationLockError,
+)
 from .._held import Held, bound_to, handed_down, held_here, is_ancestor, take
 from .._retry import LockBusy
 from .._urls import describe_url
-from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
+from ._base import Backend, RunOptions, block_url, open_server
+from ._drivers import DrivenServer, T, route, server_engine
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +58,17 @@ def lock_name(database: str, version_table: str) -> str:
 
 
 def migration_url(url: str | URL) -> URL:
-    """``mysql://`` / ``mariadb://`` mean PyMySQL when it is installed (our ``[mysql]``)."""
-    parsed = make_url(url)
-    if parsed.drivername in ("mysql", "mariadb") and importlib.util.find_spec("pymysql"):
-        parsed = parsed.set(drivername=f"{parsed.drivername}+pymysql")
-    return parsed
+    """The URL a run connects with: ``mysql://`` / ``mariadb://`` mean PyMySQL when it
+    is installed (our ``[mysql]``); an async driver gives way to an installed
+    synchronous one (see ``_drivers``)."""
+    return route(url).url
 
 
 def create_engine(section: Mapping[str, str]) -> Engine:
-    return migration_engine(section, migration_url(section["sqlalchemy.url"]), extra="mysql")
+    return server_engine(section, route(section["sqlalchemy.url"]), "mysql")
 
 
-class MySQLBackend(ServerBackend):
+class MySQLBackend(DrivenServer):
     transactional = False
     unreadable_hint = (
         "Check that the server is up and reachable, that the database named in the URL "
@@ -67,6 +77,10 @@ class MySQLBackend(ServerBackend):
 
     def __init__(self, section: Mapping[str, str], options: RunOptions) -> None:
         self.url = describe_url(section["sqlalchemy.url"])
+        self._setup(options, make_url(section["sqlalchemy.url"]).database)
+        self.engine = create_engine(section)
+
+    def _setup(self, options: RunOptions, database: str | None) -> None:
         if options.lock_key:
             if len(options.lock_key) > MAX_NAME:
                 msg = (
@@ -76,17 +90,13 @@ class MySQLBackend(ServerBackend):
                 raise ConfigurationError(msg)
             self.name = options.lock_key
         else:
-            database = options.version_table_schema or make_url(
-                section["sqlalchemy.url"]
-            ).database or ""
-            self.name = lock_name(database, options.version_table)
-        self.engine = create_engine(section)
+            self.name = lock_name(options.version_table_schema or database or "",
+                                  options.version_table)
         self._held: dict[int, tuple[Connection | None, int]] = {}
         """Per migration connection: its lock connection and that one's id (None, 0: a
         run inside this flow's migration_lock() block, which holds the lock; None and
         the wrapper's connection id: a run under an `exec`, checked before COMMIT)."""
         self._logged = False
-
 
     def timeout_causes(self, lock_file: str | None) -> str:
         return (
@@ -107,9 +117,7 @@ class MySQLBackend(ServerBackend):
         begin: bool = True,
         still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
     ) -> Connection:
-        if not self._logged:
-            self._logged = True
-            logger.info("MySQL lock name %r (GET_LOCK on a dedicated connection)", self.name)
+        self._log_name("on a dedicated connection")
         wrapper: list[int] = []
         if held_here(self._block_key(), lambda: self._inherited(wrapper)):
             # This flow's migration_lock() block, or the `exec` this process runs under,
@@ -128,6 +136,11 @@ class MySQLBackend(ServerBackend):
             raise
         self._held[id(migration)] = (lock_connection, holder_id)
         return migration
+
+    def _log_name(self, where: str) -> None:
+        if not self._logged:
+            self._logged = True
+            logger.info("MySQL lock name %r (GET_LOCK %s)", self.name, where)
 
     def _get_lock(self, timeout_s: float) -> tuple[Connection, int]:
         """GET_LOCK on a new connection of its own: that connection and its id."""
@@ -156,12 +169,7 @@ class MySQLBackend(ServerBackend):
         return lock_connection, int(holder_id)
 
     # migration_lock(): the same name, on a connection of its own ----------------------
-    def hold(
-        self,
-        timeout_s: float,
-        *,
-        still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
-    ) -> Held:
+    def _hold(self, timeout_s: float) -> Held:
         # A second name, random, on the same connection: a command's check that one
         # connection holds both binds the claim to this connection (a connection id
         # alone could be another, later connection's).
@@ -211,7 +219,7 @@ class MySQLBackend(ServerBackend):
 
     def _block_key(self) -> tuple[str, ...]:
         """The lock's identity for ``_held``: the server, and the lock's name."""
-        return ("mysql", self.engine.url.render_as_string(hide_password=True), self.name)
+        return ("mysql", block_url(self.engine.url), self.name)
 
     def before_commit(self, connection: Connection) -> None:
         """The lock must still be ours: its connection could have been killed mid-run."""
@@ -234,9 +242,6 @@ class MySQLBackend(ServerBackend):
         finally:
             if lock_connection is not None:
                 self._let_go(lock_connection, held=True)
-
-    def close(self) -> None:
-        self.engine.dispose()
 
     def _let_go(self, lock_connection: Connection, *, held: bool) -> None:
         try:
@@ -262,8 +267,126 @@ class MySQLBackend(ServerBackend):
             lock_connection.close()
 
 
+class MySQLHandedIn(MySQLBackend):
+    """``config.attributes["connection"]``: the run's migrations on the caller's
+    connection (a sync Connection, or the sync face of an AsyncConnection inside
+    ``run_sync()``, which its owner drives), ``GET_LOCK`` with the same name on that
+    same connection: a session lock, which no COMMIT, implicit or not, lets go. No
+    second connection is opened (the caller's engine may have a pool, or options a URL
+    does not carry); ``RELEASE_LOCK`` ends the run, and the connection closing would.
+
+    After the lock is taken the transaction that read the version before it ends (its
+    REPEATABLE READ snapshot, MySQL's default, would predate the previous holder's
+    commit). Inside the caller's transaction (``engine.begin()``) that is a COMMIT on
+    the driver's connection, as is the run's last: MySQL commits at every DDL statement
+    anyway, and the next worker must see the version row before the lock is released.
+    SQLAlchemy's transaction stays the caller's, for its block to end."""
+
+    def __init__(self, connection: Connection, options: RunOptions) -> None:
+        self.url = describe_url(connection.engine.url)
+        self.engine = connection.engine  # the caller's: never disposed here
+        self.connection = connection
+        self.callers = connection.in_transaction()
+        self._running = False
+        self._setup(options, connection.engine.url.database)
+
+    @property
+    def run_long_lock(self) -> bool:  # type: ignore[override]
+        # The caller's transaction cannot be committed midway by the run.
+        return not self.callers
+
+    def _drive(self, fn: Callable[[], T]) -> T:
+        return fn()  # its owner drives it (inside run_sync for an async driver)
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        yield self.connection
+
+    def try_lock(
+        self,
+        timeout_s: float,
+        *,
+        begin: bool = True,
+        still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
+    ) -> Connection:
+        self._log_name("on the handed-in connection")
+        connection = self.connection
+        wrapper: list[int] = []
+        if held_here(self._block_key(), lambda: self._inherited(wrapper)):
+            logger.debug("GET_LOCK('%s') is held by the enclosing migration_lock() block "
+                         "or exec", self.name)
+            self._held[id(connection)] = (None, wrapper[0] if wrapper else 0)
+        else:
+            try:
+                got, holder_id = connection.execute(
+                    text("SELECT GET_LOCK(:name, :timeout), CONNECTION_ID()"),
+                    {"name": self.name, "timeout": max(0.0, round(timeout_s, 3))},
+                ).one()
+                if got is None:
+                    msg = (
+                        f"GET_LOCK('{self.name}') on {self.url} returned NULL: the server "
+                        "failed to take the lock (out of memory, or the connection was "
+                        "killed while waiting)."
+                    )
+                    raise LockNotTaken(msg, url=self.url, lock_name=self.name)
+                if int(got) != 1:
+                    raise LockBusy(f"GET_LOCK('{self.name}') timed out")
+            except BaseException:
+                if not self.callers:
+                    connection.rollback()
+                raise
+            self._held[id(connection)] = (connection, int(holder_id))
+        self._running = True
+        self.commit(connection)  # a new snapshot: the version as the last holder left it
+        return connection
+
+    def commit(self, connection: Connection) -> None:
+        if not self.callers:
+            super().commit(connection)
+        elif self._running:
+            connection.connection.commit()  # the driver's; the caller's block ends SQLAlchemy's
+
+    def rollback(self, connection: Connection) -> None:
+        if not self.callers:
+            super().rollback(connection)
+        elif self._running:
+            connection.connection.rollback()
+        # else the look: it read in the caller's transaction, which stays the caller's
+
+    def release(self, connection: Connection) -> None:
+        self._running = False
+        lock_connection, _holder = self._held.pop(id(connection), (None, 0))
+        if lock_connection is None:
+            return  # the enclosing block's or exec's lock: theirs to release
+        try:
+            released = connection.execute(
+                text("SELECT RELEASE_LOCK(:name)"), {"name": self.name}).scalar()
+            if not self.callers:
+                connection.commit()  # leave the connection outside any transaction
+        except exc.DBAPIError as error:
+            logger.warning("RELEASE_LOCK('%s') on the handed-in connection to %s failed "
+                           "(%s); the lock stays held until that connection closes",
+                           self.name, self.url, error.orig)
+            return
+        if released != 1:
+            logger.warning("RELEASE_LOCK('%s') on %s returned %r: the lock was no longer "
+                           "held", self.name, self.url, released)
+
+    def autocommit_refused(self) -> MigrationLockError:
+        msg = (
+            "A migration uses autocommit_block(), which commits in the middle of the run, "
+            f"but the connection handed in for {self.url} is inside the caller's "
+            "transaction (engine.begin()), which the run may not commit. The run was "
+            "stopped. Hand in engine.connect()'s connection instead."
+        )
+        return ConfigurationError(msg)
+
+    def close(self) -> None:
+        pass  # the connection and its engine are the caller's
+
+
 def open_backend(
     section: Mapping[str, str] | None, handed_in: Connection | None, options: RunOptions
 ) -> Backend:
     """This module's entry in the registry (``_backends.BACKENDS``)."""
-    return open_server(MySQLBackend, section, handed_in, options)
+    return open_server(MySQLBackend, MySQLHandedIn, section, handed_in, options)

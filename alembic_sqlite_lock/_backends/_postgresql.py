@@ -24,24 +24,29 @@ A killed worker: its server session ends and the lock with it, but a backend bus
 statement notices a vanished client only when the statement ends. The migration
 session sets ``client_connection_check_interval`` (PostgreSQL 14+) so that the server
 checks the socket during long statements too and ends the session within a second.
+
+A connection handed in through ``config.attributes["connection"]`` is locked with the same
+key, on that connection (:class:`PostgresHandedIn`); inside the caller's transaction with
+``pg_advisory_xact_lock``, held until the caller commits.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 from sqlalchemy import exc, text
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, NestedTransaction
 
-from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost
+from .._errors import RAISE_DEADLINE, ConfigurationError, LockLost, MigrationLockError
 from .._held import Held, bound_to, handed_down, held_here, is_ancestor, take
 from .._retry import LockBusy
 from .._urls import describe_url
-from ._base import Backend, RunOptions, ServerBackend, migration_engine, open_server
+from ._base import Backend, RunOptions, block_url, open_server
+from ._drivers import DrivenServer, Route, T, route, server_engine
 
 logger = logging.getLogger(__name__)
 
@@ -75,23 +80,23 @@ def _hash64(text_: str) -> int:
 
 
 def migration_url(url: str | URL) -> URL:
-    """``postgresql://`` means psycopg (3) when it is installed (our ``[postgresql]``)."""
-    parsed = make_url(url)
-    if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed
+    """The URL a run connects with: ``postgresql://`` means psycopg (3) when it is
+    installed (our ``[postgresql]``); an async driver gives way to an installed
+    synchronous one (see ``_drivers``)."""
+    return route(url).url
 
 
 def create_engine(section: Mapping[str, str], extra: str) -> Engine:
-    return migration_engine(
-        section, migration_url(section["sqlalchemy.url"]), extra=extra,
+    chosen: Route = route(section["sqlalchemy.url"])
+    return server_engine(
+        section, chosen, extra,
         # The version is read after the lock is taken; under REPEATABLE READ the
         # snapshot could predate the previous holder's commit.
         isolation_level="READ COMMITTED",
     )
 
 
-class PostgresBackend(ServerBackend):
+class PostgresBackend(DrivenServer):
     transactional = True
     unreadable_hint = (
         "Check that the server is up and reachable, that the database named in the URL "
@@ -109,14 +114,21 @@ class PostgresBackend(ServerBackend):
 
     def __init__(self, section: Mapping[str, str], options: RunOptions) -> None:
         self.url = describe_url(section["sqlalchemy.url"])
+        self.engine = create_engine(section, "postgresql")
+        self._setup(options)
+
+    def _setup(self, options: RunOptions) -> None:
         self.options = options
         self.session_scope = options.lock_scope == "session"
         self._key = key_from_setting(options.lock_key) if options.lock_key else None
-        self.engine = create_engine(section, "postgresql")
         self._logged = False
         self._nested: dict[int, int | None] = {}
         """Migration connections of runs inside this flow's migration_lock() block (None)
         or under an `exec` (the wrapper's session, checked again before COMMIT)."""
+
+    @property
+    def _scope(self) -> str:
+        return self.options.lock_scope
 
     def timeout_causes(self, lock_file: str | None) -> str:
         return f"{self._timeout_causes} If a migration legitimately takes longer, {RAISE_DEADLINE}"
@@ -135,29 +147,37 @@ class PostgresBackend(ServerBackend):
     ) -> Connection:
         connection = self.engine.connect()
         try:
-            _check_client(connection)
-            key = self._lock_key(connection)
-            wrapper: list[int] = []
-            if held_here(self._block_key(key),
-                         lambda: self._inherited(connection, key, wrapper)):
-                # This flow's migration_lock() block, or the `exec` this process runs
-                # under, holds the key on its own session (taking it here would wait for
-                # ourselves): it keeps others out.
-                logger.debug("Advisory lock %d is held by the enclosing migration_lock() "
-                             "block or exec", key)
-                self._nested[id(connection)] = wrapper[0] if wrapper else None
-                return connection
-            _take(connection, key, timeout_s, session=self.session_scope)
-            if self.session_scope:
-                # The lock is the session's: the migration transaction starts after it,
-                # so its first read sees every commit of the previous holder.
-                connection.commit()
-                self._still_held(connection, key)
-                _check_client(connection)
+            self._lock_on(connection, timeout_s, session=self.session_scope)
         except BaseException:
             connection.close()  # ends the session: a lock taken in it goes too
             raise
         return connection
+
+    def _lock_on(self, connection: Connection, timeout_s: float, *, session: bool) -> None:
+        """Take the lock on ``connection``, the migration connection (``session``: a
+        session lock); nothing when this flow's migration_lock() block or the `exec`
+        this process runs under holds it already."""
+        _check_client(connection)
+        key = self._lock_key(connection)
+        wrapper: list[int] = []
+        if held_here(self._block_key(key),
+                     lambda: self._inherited(connection, key, wrapper)):
+            # This flow's migration_lock() block, or the `exec` this process runs
+            # under, holds the key on its own session (taking it here would wait for
+            # ourselves): it keeps others out.
+            logger.debug("Advisory lock %d is held by the enclosing migration_lock() "
+                         "block or exec", key)
+            self._nested[id(connection)] = wrapper[0] if wrapper else None
+            return
+        if session:
+            self._still_held(connection, key, before_take=True)
+        _take(connection, key, timeout_s, session=session)
+        if session:
+            # The lock is the session's: the migration transaction starts after it,
+            # so its first read sees every commit of the previous holder.
+            connection.commit()
+            self._still_held(connection, key)
+            _check_client(connection)
 
     def before_commit(self, connection: Connection) -> None:
         """Under an `exec`, the wrapper's session must hold the lock still: a wrapper
@@ -186,16 +206,8 @@ class PostgresBackend(ServerBackend):
         finally:
             connection.close()
 
-    def close(self) -> None:
-        self.engine.dispose()
-
     # migration_lock(): the same key, on a session of its own ---------------------------
-    def hold(
-        self,
-        timeout_s: float,
-        *,
-        still_waiting: Callable[[], None] | None = None,  # the wait is one statement here
-    ) -> Held:
+    def _hold(self, timeout_s: float) -> Held:
         connection = self.engine.connect()
         try:
             key = self._lock_key(connection)
@@ -223,6 +235,8 @@ class PostgresBackend(ServerBackend):
         """Session scope: a session lock, the connection idle outside any transaction.
         Transaction scope (a transaction pooler): a transaction-level lock in a
         transaction left open for the whole block, which pins the server session."""
+        if self.session_scope:
+            self._still_held(connection, key, before_take=True)
         _take(connection, key, timeout_s, session=self.session_scope)
         if self.session_scope:
             connection.commit()
@@ -246,7 +260,7 @@ class PostgresBackend(ServerBackend):
 
     def _block_key(self, key: int) -> tuple[str, ...]:
         """The lock's identity for ``_held``: the server and database, and the key."""
-        return ("postgresql", self.engine.url.render_as_string(hide_password=True), str(key))
+        return ("postgresql", block_url(self.engine.url), str(key))
 
     def _inherited(self, connection: Connection, key: int, wrapper: list[int]) -> bool:
         """This process runs under an `exec` whose session holds ``key`` on this
@@ -286,23 +300,163 @@ class PostgresBackend(ServerBackend):
                 "PostgreSQL advisory lock key %d (%s, %s scope)",
                 self._key,
                 where,
-                self.options.lock_scope,
+                self._scope,
             )
         return self._key
 
-    def _still_held(self, connection: Connection, key: int) -> None:
-        """Session scope: the next transaction must run on the session holding the lock."""
-        if not _session_holds(connection, key, None):
-            msg = (
+    def _still_held(self, connection: Connection, key: int, *, before_take: bool = False
+                    ) -> None:
+        """Session scope: the next transaction must run on the session holding the lock.
+
+        ``before_take``: the session must not hold it yet. A new session never does, but
+        a transaction pooler may hand this client the server session on which another
+        client took it, and there pg_advisory_lock would succeed at once (it is
+        re-entrant) while that client holds it. Under contention that is the usual case:
+        the other server sessions wait in pg_advisory_lock, so the pooler's only free one
+        is the holder's, and the check after the take alone would pass."""
+        if _session_holds(connection, key, None) == before_take:
+            found = (
+                f"The advisory lock on {self.url} is already held by the server session "
+                "this run was given, before this run took it (another client took it "
+                "there)" if before_take else
                 f"The advisory lock taken on {self.url} is not held by the session the "
-                "migration would run on: the connection goes through a pooler in "
+                "migration would run on"
+            )
+            msg = (
+                f"{found}: the connection goes through a pooler in "
                 "transaction-pooling mode (PgBouncer pool_mode = transaction), where a "
                 "session-level lock is unsafe. Set lock_scope = transaction (in the "
                 "[alembic_sqlite_lock] section of alembic.ini, or -x lock_scope=transaction), "
-                "or connect to PostgreSQL directly. The lock taken may stay held on a "
-                "pooled server connection until the pooler closes it."
+                "or connect to PostgreSQL directly. "
+                + ("Nothing was run." if before_take else
+                   "The lock taken may stay held on a pooled server connection until the "
+                   "pooler closes it.")
             )
             raise ConfigurationError(msg)
+
+
+class PostgresHandedIn(PostgresBackend):
+    """``config.attributes["connection"]``: the run's lock and migrations on the caller's
+    connection (a sync Connection, or the sync face of an AsyncConnection inside
+    ``run_sync()``, which its owner drives), locked with the same key.
+
+    From ``engine.connect()``: as a connection of our own, the lock taken and released
+    on it (``lock_scope`` as set), the connection left outside any transaction after.
+    Inside the caller's transaction (``engine.begin()``, Alembic's cookbook): the lock
+    is ``pg_advisory_xact_lock`` whatever ``lock_scope`` says, as only the caller's
+    COMMIT makes the migration visible to the next worker, and the lock must last until
+    then; the run goes in a SAVEPOINT, released on success (the caller's block commits
+    it all) or rolled back on failure. That transaction's snapshot must not predate the
+    lock: READ COMMITTED (PostgreSQL's default) only."""
+
+    def __init__(self, connection: Connection, options: RunOptions) -> None:
+        self.url = describe_url(connection.engine.url)
+        self.engine = connection.engine  # the caller's: never disposed here
+        self.connection = connection
+        self.callers = connection.in_transaction()
+        self._savepoint: NestedTransaction | None = None
+        self._setup(options)
+
+    @property
+    def run_long_lock(self) -> bool:
+        # The caller's transaction cannot be committed midway by the run.
+        return not self.callers and self.session_scope
+
+    @property
+    def _scope(self) -> str:
+        return "transaction (inside the caller's transaction)" if self.callers else (
+            self.options.lock_scope)
+
+    def _drive(self, fn: Callable[[], T]) -> T:
+        return fn()  # its owner drives it (inside run_sync for an async driver)
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        yield self.connection
+
+    def try_lock(
+        self,
+        timeout_s: float,
+        *,
+        begin: bool = True,
+        still_waiting: Callable[[], None] | None = None,
+    ) -> Connection:
+        connection = self.connection
+        if self.callers:
+            self._read_committed(connection)
+            savepoint = connection.begin_nested()
+            try:
+                # A lock_timeout expiry fails the statement: the savepoint keeps the
+                # caller's transaction usable for the next attempt.
+                self._lock_on(connection, timeout_s, session=False)
+            except BaseException:
+                savepoint.rollback()
+                raise
+            self._savepoint = savepoint
+            return connection
+        try:
+            if not self.session_scope:
+                # Its engine may run REPEATABLE READ: the snapshot of the transaction
+                # that takes the lock must be taken after it.
+                connection.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            self._lock_on(connection, timeout_s, session=self.session_scope)
+        except BaseException:
+            connection.rollback()  # a transaction-level lock taken goes with it
+            raise
+        return connection
+
+    def _read_committed(self, connection: Connection) -> None:
+        level = connection.exec_driver_sql("SHOW transaction_isolation").scalar()
+        if level != "read committed":
+            msg = (
+                "The connection handed to env.py in config.attributes['connection'] "
+                f"({self.url}) is inside a {str(level).upper()} transaction, whose "
+                "snapshot predates the migration lock: it would not see another "
+                "worker's migration. Nothing was migrated. Hand in engine.connect()'s "
+                "connection, or begin the transaction READ COMMITTED (PostgreSQL's "
+                "default)."
+            )
+            raise ConfigurationError(msg)
+
+    def commit(self, connection: Connection) -> None:
+        if not self.callers:
+            super().commit(connection)
+        elif self._savepoint is not None and self._savepoint.is_active:
+            self._savepoint.commit()  # the caller's COMMIT makes it visible, lock held
+
+    def rollback(self, connection: Connection) -> None:
+        if not self.callers:
+            super().rollback(connection)
+        elif self._savepoint is not None and self._savepoint.is_active:
+            self._savepoint.rollback()
+        # else the look: it read in the caller's transaction, which stays the caller's
+
+    def release(self, connection: Connection) -> None:
+        nested = id(connection) in self._nested
+        self._nested.pop(id(connection), None)
+        self._savepoint = None
+        if self.callers or not self.session_scope or nested or self._key is None:
+            return  # a transaction-level lock ended with the transaction (or none taken)
+        try:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+            connection.commit()
+        except exc.DBAPIError as error:
+            logger.warning("pg_advisory_unlock on the handed-in connection failed (%s); the "
+                           "lock stays held until that session ends", error)
+
+    def autocommit_refused(self) -> MigrationLockError:
+        if not self.callers:
+            return super().autocommit_refused()
+        msg = (
+            "A migration uses autocommit_block(), which commits in the middle of the run, "
+            f"but the connection handed in for {self.url} is inside the caller's "
+            "transaction (engine.begin()), which the run may not commit. The run was "
+            "rolled back. Hand in engine.connect()'s connection instead."
+        )
+        return ConfigurationError(msg)
+
+    def close(self) -> None:
+        pass  # the connection and its engine are the caller's
 
 
 def _session_holds(connection: Connection, key: int, session: int | None) -> bool:
@@ -376,4 +530,4 @@ def open_backend(
     section: Mapping[str, str] | None, handed_in: Connection | None, options: RunOptions
 ) -> Backend:
     """This module's entry in the registry (``_backends.BACKENDS``)."""
-    return open_server(PostgresBackend, section, handed_in, options)
+    return open_server(PostgresBackend, PostgresHandedIn, section, handed_in, options)

@@ -7,6 +7,10 @@ commented ``[alembic_sqlite_lock]`` section and logging that shows our INFO line
 files are in ``templates/``; alembic.ini.template's ``${...}`` placeholders are filled in
 here (the settings section from ``_settings.SETTINGS``).
 
+``--async`` writes the env.py of Alembic's async template (``alembic init -t async``) in
+the one-call form (``templates/async/env.py``), with an async URL
+(``sqlite+aiosqlite://``) by default.
+
 ``--flask-migrate`` writes Flask-Migrate's layout instead (alembic.ini inside DIR, its
 env.py in the one-call form), from ``templates/flask-migrate/``: an Alembic template
 folder, which ``flask db init -t <that folder>`` can use as well.
@@ -25,6 +29,8 @@ from .._errors import ConfigurationError
 from .._settings import SECTION, SETTINGS, X_PREFIX
 
 DEFAULT_URL = "sqlite:///%(here)s/app.db"
+ASYNC_DEFAULT_URL = "sqlite+aiosqlite:///%(here)s/app.db"
+"""``--async``'s sqlalchemy.url when none is given: what an async app's engine uses."""
 
 
 def template(name: str) -> str:
@@ -61,8 +67,9 @@ FLASK_MIGRATE = "flask-migrate"
 
 
 def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
-         url: str = DEFAULT_URL) -> list[Path]:
-    """Create the environment in ``directory`` and its ini at ``config_file``.
+         url: str = DEFAULT_URL, *, async_template: bool = False) -> list[Path]:
+    """Create the environment in ``directory`` and its ini at ``config_file``
+    (``async_template``: the env.py of Alembic's async template, in the one-call form).
 
     Refuses (ConfigurationError, nothing written) when ``directory`` exists and is not
     empty or ``config_file`` exists. Returns the files and folders it created.
@@ -71,7 +78,7 @@ def init(directory: str | os.PathLike[str], config_file: str | os.PathLike[str],
     ini = Path(config_file).absolute()
     _refuse_existing(target, ini)
     return _write(target, {
-        target / "env.py": template("env.py"),
+        target / "env.py": template("async/env.py" if async_template else "env.py"),
         target / "script.py.mako": template("script.py.mako"),
         target / "README": template("README"),
         ini: ini_text(_script_location(target, ini.parent), _ini_value(url)),

@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--flask-migrate", action="store_true",
                       help="Flask-Migrate's layout (alembic.ini inside DIRECTORY, its env.py "
                            "calling run_migrations), for `flask db upgrade` from every worker")
+    init.add_argument("--async", dest="async_template", action="store_true",
+                      help="the env.py of Alembic's async template in the one-call form, "
+                           "for an async app's URL (default then: "
+                           f"{_scaffold.ASYNC_DEFAULT_URL.replace('%', '%%')})")
     init.add_argument("-v", "--verbose", action="store_true",
                       help="show the traceback of an error")
 
@@ -312,10 +316,17 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
+    if args.flask_migrate and args.async_template:
+        raise ConfigurationError("--flask-migrate and --async are two different layouts: "
+                                 "choose one.")
     if args.flask_migrate:
         return _init_flask_migrate(args)
     config = args.config or args.global_config or "alembic.ini"
-    created = _scaffold.init(args.directory, config, url=args.url)
+    url = args.url
+    if args.async_template and url == _scaffold.DEFAULT_URL:
+        url = _scaffold.ASYNC_DEFAULT_URL
+    created = _scaffold.init(args.directory, config, url=url,
+                             async_template=args.async_template)
     for path in created:
         print(f"Created {path}{os.sep if path.is_dir() else ''}")
     # With --url the database is chosen already: no need to send the user to edit it.

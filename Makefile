@@ -64,7 +64,7 @@ test-alembic-suite: $(VENV)/.installed
 test-alembic-suite-lowest: .venv-lowest/.installed
 	.venv-lowest/bin/python scripts/alembic_suite.py $(ALEMBIC_SUITE_ARGS)
 
-# The benchmark (bench/): BENCH_ARGS=--quick for a ~1.5 minute run (full: ~5).
+# The benchmark (bench/): BENCH_ARGS=--quick for a ~2.5 minute run (full: ~7.5).
 # Writes bench/results/bench.{md,png,json}; BENCH_ARGS=--publish also bench/latest.{md,png}.
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e '.[bench]'

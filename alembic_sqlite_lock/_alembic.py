@@ -6,10 +6,16 @@ What we rely on, and why:
 * ``ScriptDirectory._upgrade_revs`` / ``_downgrade_revs`` / ``_stamp_revs``: the steps a
   command would take from some heads, which ``alembic.command`` computes the same way
   inside its work functions;
+* ``ScriptDirectory._version_locations``: the version locations as Alembic resolved
+  them (``package:resource`` forms included), for the revision cache's key;
+* ``RevisionMap._revision_map`` (memoized in the instance's ``__dict__``): whether this
+  process has loaded the revision files already, so the cache is written only then;
 * ``alembic.context._proxy``: the ``EnvironmentContext`` behind the module proxy that
   env.py imports;
 * ``EnvironmentContext.context_opts``: the options of the running command, among them
-  ``fn``, the command's work function, which we wrap, and ``destination_rev``/``purge``;
+  ``fn``, the command's work function, which we wrap (its name says which command it
+  is: ``alembic.command`` names them ``upgrade``, ``downgrade``, ``do_stamp``...), and
+  ``destination_rev``/``purge``;
 * ``MigrationContext._transaction`` and ``autocommit_block``: to let
   ``autocommit_block()`` commit a transaction Alembic did not begin, and to check (or
   refuse) the block.
@@ -19,6 +25,7 @@ tests/test_architecture.py checks that no other module touches these names.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -54,6 +61,16 @@ def stamp_revs(
     return script._stamp_revs(destinations, heads)
 
 
+def version_locations(script: ScriptDirectory) -> list[str]:
+    """Every folder Alembic loads revision files from, absolute."""
+    return [str(path) for path in script._version_locations]
+
+
+def revision_map_loaded(script: ScriptDirectory) -> bool:
+    """This process has executed the revision files (built the revision map)."""
+    return "_revision_map" in vars(script.revision_map)
+
+
 # The environment of the running command ---------------------------------------------------
 def environment_of(context: Any) -> EnvironmentContext | None:
     """The ``EnvironmentContext`` of ``alembic.context`` (the module proxy env.py has) or
@@ -72,6 +89,13 @@ def work_function(env: EnvironmentContext) -> StepsFn:
 
 def set_work_function(env: EnvironmentContext, fn: StepsFn) -> None:
     env.context_opts["fn"] = fn
+
+
+def is_upgrade(env: EnvironmentContext) -> bool:
+    """The running command is an upgrade (``alembic.command.upgrade``'s work function,
+    or ``upgrade()``'s, both named so)."""
+    fn = env.context_opts.get("fn")
+    return getattr(inspect.unwrap(fn), "__name__", None) == "upgrade" if fn else False
 
 
 def names_destination(env: EnvironmentContext) -> bool:

@@ -59,10 +59,12 @@ def upgrade(
     script = ScriptDirectory.from_config(cfg)
     starting_rev, revision = _split_range(revision, sql=sql)
 
-    def steps(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
+    # Named as alembic.command names its own: the revision cache answers an upgrade's
+    # "anything to do?" without the revision files (_alembic.is_upgrade).
+    def upgrade(heads: tuple[str, ...], _context: MigrationContext) -> Iterable[Any]:
         return upgrade_revs(script, revision, heads)
 
-    return _run(cfg, script, steps, settings, as_sql=sql, starting_rev=starting_rev,
+    return _run(cfg, script, upgrade, settings, as_sql=sql, starting_rev=starting_rev,
                 destination_rev=revision, tag=tag)
 
 

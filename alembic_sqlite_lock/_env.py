@@ -38,6 +38,8 @@ from ._backends import Backend, RunOptions, SideFiles, drive_run, open_backend
 from ._errors import ConfigurationError, MigrationLockError, RollbackFailed, busy_reading
 from ._progress import Progress, describe, log_applied, migration_error, revisions
 from ._retry import RetryPolicy, acquire
+from ._revcache import Known, answer
+from ._revisions import RevisionCache
 from ._settings import Settings, run_settings
 from ._signals import Termination, terminate_as_exit
 from ._urls import describe_url
@@ -159,6 +161,12 @@ class _OnlineRun:
         # upgrade, downgrade and stamp name a destination; current, check and
         # autogenerate do not, and get no "nothing to do" line.
         self.migrates = _alembic.names_destination(env)
+        self.upgrades = _alembic.is_upgrade(env)
+        self.cache = RevisionCache(env.script, settings.revision_cache)
+        self.known: Known | None = None
+        """What the revision cache says, when it is right: an upgrade to ``head``,
+        ``heads`` or a revision id then needs no revision file to tell "nothing to do"
+        (or "work to do"), before the lock or after the wait."""
         self.stop = Termination()
         """What a SIGTERM during the locked run finds (replaced by the one that listens)."""
 
@@ -174,44 +182,61 @@ class _OnlineRun:
             ini=config.config_file_name,
         )
         try:
-            started = time.monotonic()
-            if self.migrates and source.creates_database():
-                self._resolve_target_before_creating(section.get("sqlalchemy.url", ""))
-            # purge empties the version table before the command looks at it, which is
-            # a write: such a run goes straight to the lock.
-            purge = _alembic.purges(self.env)
-            if not purge and self._finished_unlocked(source):
-                return
-            # The holder record (who migrates, for waiters and `status`) and the opt-in
-            # backup live beside a database file; server databases have neither.
-            sidecar = source.side_files(self.settings)
-
-            def still_waiting() -> None:
-                logger.info(
-                    "Still waiting for the migration lock on %s after %.1fs%s",
-                    source.url, time.monotonic() - started, sidecar.holder_suffix(),
-                )
-
-            if not purge:
-                # Work to do. If another worker is migrating, wait for it to finish and
-                # look again: usually it did the same work.
-                # The deadline counts from the start of the run, look included.
-                remaining_s = self.policy.deadline_s - (time.monotonic() - started)
-                waited = source.wait_for_running(
-                    self.policy.busy_timeout_for(remaining_s),
-                    while_waiting=lambda: self._expect_work_after(sidecar, source),
-                    still_waiting=still_waiting,
-                )
-                if waited and not self.work_certain and self._finished_after_wait(source):
-                    return
-            # SIGTERM (a CLI run stopped by its supervisor) rolls the run back.
-            with terminate_as_exit() as self.stop:
-                self._run_locked(
-                    source, sidecar, saw_work=not purge, started=started,
-                    still_waiting=still_waiting,
-                )
+            self._run(source, section)
         finally:
             source.close()
+            # This process loaded the revision files (the cache was missing, stale or
+            # off): remember what they said for the next start.
+            self.cache.remember()
+
+    def _run(self, source: Backend, section: dict[str, str]) -> None:
+        started = time.monotonic()
+        if self.migrates:
+            self.known = self.cache.known()
+        if (self.migrates and source.creates_database()
+                and self._cached_answer(()) is None):
+            self._resolve_target_before_creating(section.get("sqlalchemy.url", ""))
+        # purge empties the version table before the command looks at it, which is
+        # a write: such a run goes straight to the lock.
+        purge = _alembic.purges(self.env)
+        if not purge and self._finished_unlocked(source):
+            return
+        # The holder record (who migrates, for waiters and `status`) and the opt-in
+        # backup live beside a database file; server databases have neither.
+        sidecar = source.side_files(self.settings)
+
+        def still_waiting() -> None:
+            logger.info(
+                "Still waiting for the migration lock on %s after %.1fs%s",
+                source.url, time.monotonic() - started, sidecar.holder_suffix(),
+            )
+
+        if not purge:
+            # Work to do. If another worker is migrating, wait for it to finish and
+            # look again: usually it did the same work.
+            # The deadline counts from the start of the run, look included.
+            remaining_s = self.policy.deadline_s - (time.monotonic() - started)
+            waited = source.wait_for_running(
+                self.policy.busy_timeout_for(remaining_s),
+                while_waiting=lambda: self._expect_work_after(sidecar, source),
+                still_waiting=still_waiting,
+            )
+            if waited and not self.work_certain and self._finished_after_wait(source):
+                return
+        # SIGTERM (a CLI run stopped by its supervisor) rolls the run back.
+        with terminate_as_exit() as self.stop:
+            self._run_locked(
+                source, sidecar, saw_work=not purge, started=started,
+                still_waiting=still_waiting,
+            )
+
+    def _cached_answer(self, heads: tuple[str, ...]) -> bool | None:
+        """From the revision cache: True, the command has nothing to do from ``heads``;
+        False, it has work; None, ask Alembic (see ``_revcache.answer``)."""
+        if self.known is None:
+            return None
+        return answer(self.known, _alembic.destination(self.env), heads,
+                      upgrade=self.upgrades)
 
     def _work_function(self, logged: _steps.Logged | None = None) -> StepsFn:
         return _steps.work_function(
@@ -220,6 +245,7 @@ class _OnlineRun:
             allow_unknown=self.settings.allow_unknown_revision,
             seen=self.seen,
             logged=logged,
+            nothing_to_do=lambda heads: self._cached_answer(heads) is True,
         )
 
     def _resolve_target_before_creating(self, url: str) -> None:
@@ -241,8 +267,11 @@ class _OnlineRun:
                 )
                 if heads is None:
                     heads = migration_context.get_current_heads()
-                steps = list(self.command_fn(heads, migration_context))
-                if steps:
+                # The revision cache tells without loading a revision file; then no
+                # steps are seen, which only a relative target (never cached) would use.
+                cached = self._cached_answer(heads)
+                steps = [] if cached is False else list(self.command_fn(heads, migration_context))
+                if steps or cached is False:
                     source.rollback(connection)
                     self.looked = migration_context
                     self.seen = _steps.Seen(_alembic.destination(self.env), heads, steps)
@@ -269,8 +298,10 @@ class _OnlineRun:
         target = sidecar.running_target()
         if target is None or self.looked is None:
             return
+        cached = self._cached_answer(tuple(target))
         try:
-            self.work_certain = bool(list(self.command_fn(tuple(target), self.looked)))
+            self.work_certain = (not cached if cached is not None else
+                                 bool(list(self.command_fn(tuple(target), self.looked))))
         except Exception as error:  # e.g. a revision this code does not know
             logger.debug("Cannot tell what %s leaves to do (%s)", target, error)
         if self.work_certain:
@@ -305,24 +336,26 @@ class _OnlineRun:
 
         Cheap on purpose, as it sits between the holder's COMMIT and the next worker
         taking the lock: one plain SELECT of the version rows, then the command asked
-        what it would do from there (the revision map is loaded already). No Alembic
-        context, no compiled statement. Any doubt sends the worker to the locked run,
-        which reads the version again under the lock and decides for real.
+        what it would do from there (the revision cache answers, or the revision map,
+        loaded already by the first look). No Alembic context, no compiled statement.
+        Any doubt sends the worker to the locked run, which reads the version again
+        under the lock and decides for real.
         """
-        if self.looked is None:
-            return False
+        if self.looked is None and self.known is None:
+            return False  # the first look was busy: nothing to ask without loading
         heads = source.read_versions(self.options.version_table, self.options.version_table_schema)
         if heads is None:
             return False
-        try:
-            steps = list(self.command_fn(heads, self.looked))
-        except Exception as error:  # e.g. a revision this code does not know
-            logger.debug("Looking again after the wait failed (%s); taking the lock", error)
-            return False
-        if steps:
-            return False
-        logger.info("All migrations already applied by another worker")
-        return True
+        done = self._cached_answer(heads)
+        if done is None and self.looked is not None:
+            try:
+                done = not list(self.command_fn(heads, self.looked))
+            except Exception as error:  # e.g. a revision this code does not know
+                logger.debug("Looking again after the wait failed (%s); taking the lock",
+                             error)
+        if done:
+            logger.info("All migrations already applied by another worker")
+        return bool(done)
 
     def _run_locked(
         self,

@@ -46,6 +46,7 @@ from ._commands import _as_config
 from ._errors import ConfigurationError
 from ._held import ENV, Held, child_environment, die_with_parent, enter
 from ._retry import acquire
+from ._revisions import RevisionCache
 from ._settings import Settings, SettingsKeywords, resolve_settings
 from ._urls import describe_url
 
@@ -239,7 +240,9 @@ class BlockLock:
         versions = self.backend.read_versions(VERSION_TABLE, None)
         if not versions:
             return False
-        return set(versions) == set(ScriptDirectory.from_config(config).get_heads())
+        script = ScriptDirectory.from_config(config)
+        # The revision cache's heads, when right: no revision file imported.
+        return set(versions) == set(RevisionCache(script, self.settings.revision_cache).heads())
 
     def close(self) -> None:
         if "backend" in self.__dict__:  # opened

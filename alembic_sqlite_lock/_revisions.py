@@ -1,4 +1,5 @@
-"""Clear errors for revisions nobody can find, and one-line error texts.
+"""Clear errors for revisions nobody can find, one-line error texts, and the revision
+cache that lets a worker at its target skip the revision files.
 
 Alembic reports "Can't locate revision" both for a mistyped argument and for a database
 migrated by a newer release; this module tells those apart (and lets an app start on a
@@ -16,12 +17,16 @@ from alembic.script.revision import MultipleHeads, ResolutionError
 from alembic.util import CommandError
 from sqlalchemy import exc
 
+import alembic
+
+from . import _alembic, _revcache
 from ._errors import (
     MigrationLockError,
     MultipleHeadsError,
     UnknownDatabaseRevision,
     UnknownRevision,
 )
+from ._sidefile import Owner
 from ._urls import describe_url
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ def one_line(error: BaseException) -> str:
 # Revisions --------------------------------------------------------------------------------
 def revision_guard(fn: Any, script: ScriptDirectory, *, allow_unknown: bool) -> Any:
     """Wrap a command's work function: clear errors for revisions nobody can find
-    (layer 3 of _steps.py).
+    (layer 4 of _steps.py).
 
     A database at a revision the code does not have is the classic rolling deploy or
     code rollback: an older release boots against a schema a newer one migrated. With
@@ -140,3 +145,77 @@ def revision_error(url: str, script: ScriptDirectory, error: CommandError) -> Co
         )
         return UnknownRevision(msg, url=url, revision=str(cause.argument))
     return error
+
+
+# The revision cache -----------------------------------------------------------------------
+class RevisionCache:
+    """The revision cache (``_revcache``) of one script folder, as the ``revision_cache``
+    setting places it: what it says is right only while the revision files are those it
+    was written from, which :meth:`known` checks by hashing them."""
+
+    def __init__(self, script: ScriptDirectory, setting: str) -> None:
+        self.script = script
+        # sourceless chains load .pyc files whose sources may be gone: not hashed.
+        self.path = None if script.sourceless else _revcache.cache_path(script.dir, setting)
+        """The cache file; None when turned off."""
+        self.key: str | None = None
+        """The fingerprint of the revision files when :meth:`known` looked and found no
+        right cache: what :meth:`remember` writes it under."""
+
+    def _fingerprint(self) -> str | None:
+        return _revcache.fingerprint(
+            _alembic.version_locations(self.script),
+            recursive=bool(self.script.recursive_version_locations),
+            alembic_version=alembic.__version__,
+        )
+
+    def known(self) -> _revcache.Known | None:
+        """What the cache says, when it was written from the revision files as they are
+        now; None: no cache, or not (or no longer) right."""
+        if self.path is None:
+            return None
+        self.key = self._fingerprint()
+        if self.key is None:
+            return None
+        known = _revcache.read(self.path, self.key, Owner.of(self.script.dir))
+        if known is not None:
+            self.key = None  # right as it is: nothing to remember
+        return known
+
+    def remember(self) -> None:
+        """Write what this process's revision map says, when :meth:`known` found nothing
+        right, the map is loaded already (never loaded for this), and the files are
+        still those it hashed: a file changed while Alembic loaded them must not store
+        the old graph under the new key. Never fails."""
+        if self.path is None or self.key is None:
+            return
+        if not _alembic.revision_map_loaded(self.script):
+            return
+        try:
+            if self._fingerprint() != self.key:
+                logger.debug("Revision files changed while loading them: not cached")
+                return
+            _revcache.write(self.path, self.key, self._from_map(), Owner.of(self.script.dir))
+        except Exception as error:  # a cache, never a reason to fail a run
+            logger.debug("Could not write the revision cache %s: %s", self.path, error)
+            return
+        self.key = None  # written: nothing more to remember
+
+    def _from_map(self) -> _revcache.Known:
+        revisions: set[str] = set()
+        labels: set[str] = set()
+        for script in self.script.walk_revisions():
+            revisions.add(script.revision)
+            labels.update(script.branch_labels or ())
+        heads = tuple(self.script.get_heads())
+        return _revcache.Known(heads, frozenset(revisions), frozenset(labels))
+
+    def heads(self) -> tuple[str, ...]:
+        """The script's heads: from the cache when it is right, else from Alembic (and
+        then remembered)."""
+        known = self.known()
+        if known is not None:
+            return known.heads
+        heads = tuple(self.script.get_heads())
+        self.remember()
+        return heads

@@ -93,6 +93,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("backup_keep", int, 0,
             "0: keep every backup. N: after each backup, delete this database's oldest "
             "backups in backup_dir so that at most N remain", "N"),
+    Setting("revision_cache", str, "",
+            "where a worker remembers what the revision files say, checked by hashing "
+            "them, so that at its target it imports none (default: __pycache__); off: "
+            "never; or a file path, relative to the script folder", "PATH"),
 )
 """Every setting, in the order the CLI's help, the generated alembic.ini and the
 reference list them. A new setting is a line here, a field of :class:`Settings` (or of
@@ -119,6 +123,7 @@ class SettingsKeywords(TypedDict, total=False):
     wait_while_holder_alive: bool
     backup_dir: str
     backup_keep: int
+    revision_cache: str
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class Settings:
     wait_while_holder_alive: bool = False
     backup_dir: str = ""
     backup_keep: int = 0
+    revision_cache: str = ""
 
     def __post_init__(self) -> None:
         key = self.lock_key

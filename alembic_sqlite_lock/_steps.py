@@ -14,24 +14,29 @@ from the heads it read; we wrap it. Outermost first, a locked run calls:
    heads read under the lock differ from the ones seen (another worker moved the
    database meanwhile). It needs the heads exactly as Alembic read them, and decides
    which command runs below it.
-3. ``_revisions.revision_guard``: turns Alembic's "Can't locate revision" into our
+3. ``answered``: when the revision cache can tell that the command has nothing to do
+   from the heads Alembic read (``_revcache.answer``), no step, and no revision file
+   loaded to learn it: a worker that waited while another migrated and then takes the
+   lock, or finds the database at its target under it, never loads the chain.
+4. ``_revisions.revision_guard``: turns Alembic's "Can't locate revision" into our
    errors (a mistyped target, a database ahead of the code, several heads) and lets
    ``allow_unknown_revision`` start anyway. It wraps the command itself, the one that
    resolves revisions, and lets our own errors (the check below) through untouched.
-4. ``requiring_run_migrations``: ``upgrade()``, ``downgrade()`` and ``stamp()`` only.
+5. ``requiring_run_migrations``: ``upgrade()``, ``downgrade()`` and ``stamp()`` only.
    It refuses to migrate while env.py has not come through ``run_migrations()``
    (Alembic's stock boilerplate takes no lock). Innermost because it is the one layer
    Alembic holds before env.py runs: ``upgrade()`` hands it to the EnvironmentContext,
    and it is what Alembic calls when env.py bypasses us.
-5. The command's own function: ``alembic.command``'s, or ``upgrade()``'s.
+6. The command's own function: ``alembic.command``'s, or ``upgrade()``'s.
 
-Layers 1 to 3 are added by :func:`work_function`, 4 by :func:`requiring_run_migrations`.
+Layers 1 to 4 are added by :func:`work_function`, 5 by :func:`requiring_run_migrations`.
 :func:`installed` puts a built function where Alembic calls it for the locked run, and
 puts back what it found.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,10 +81,14 @@ def work_function(
     allow_unknown: bool,
     seen: Seen | None = None,
     logged: Logged | None = None,
+    nothing_to_do: Callable[[tuple[str, ...]], bool] | None = None,
 ) -> StepsFn:
-    """``command`` (Alembic's work function, layers 4 and 5) wrapped in layers 3, 2
-    (with ``seen``) and 1 (with ``logged``), in the order of the module docstring."""
+    """``command`` (Alembic's work function, layers 5 and 6) wrapped in layers 4, 3
+    (with ``nothing_to_do``), 2 (with ``seen``) and 1 (with ``logged``), in the order
+    of the module docstring."""
     fn: StepsFn = revision_guard(command, script, allow_unknown=allow_unknown)
+    if nothing_to_do is not None:
+        fn = answered(fn, nothing_to_do)
     if seen is not None:
         fn = pin_relative_target(fn, script, seen.destination, seen.heads, seen.steps)
     if logged is not None:
@@ -100,15 +109,27 @@ def requiring_run_migrations(
     inside: Callable[[], bool],
     refused: Callable[[], BaseException],
 ) -> StepsFn:
-    """Layer 4: ``command``, run only while ``inside()`` (env.py's run_migrations() is
+    """Layer 5: ``command``, run only while ``inside()`` (env.py's run_migrations() is
     running); otherwise ``refused()`` is raised before a single step is computed."""
 
+    @functools.wraps(command)  # keeps the command's name (_alembic.is_upgrade)
     def guarded(heads: tuple[str, ...], context: MigrationContext) -> Iterable[Any]:
         if not inside():
             raise refused()
         return command(heads, context)
 
     return guarded
+
+
+def answered(command: StepsFn, nothing_to_do: Callable[[tuple[str, ...]], bool]) -> StepsFn:
+    """Layer 3: no step, without asking ``command``, when ``nothing_to_do(heads)``."""
+
+    def steps(heads: tuple[str, ...], context: MigrationContext) -> Iterable[Any]:
+        if nothing_to_do(heads):
+            return []
+        return command(heads, context)
+
+    return steps
 
 
 @contextmanager

@@ -23,12 +23,20 @@ def describe(tmp: Path) -> list[tuple[str, str]]:
         ("Alembic", metadata.version("alembic")),
         ("SQLAlchemy", metadata.version("sqlalchemy")),
         ("filelock", metadata.version("filelock")),
+        ("mlflow-skinny (its chain)", _version_of("mlflow-skinny")),
         ("alembic-sqlite-lock", f"{metadata.version('alembic-sqlite-lock')} "
                                 f"(git {_git_revision()})"),
         ("Database files", f"under {tmp.parent} ({_filesystem(tmp)})"),
         ("Bytecode", "workers use and write .pyc files (PYTHONDONTWRITEBYTECODE is ignored)"),
         ("Load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
     ]
+
+
+def _version_of(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _cpu_model() -> str:

@@ -3,11 +3,14 @@
     .venv/bin/python -m bench.profile --variant ours --case warm
     .venv/bin/python -m bench.profile --variant stock --case cold --sort tottime
     .venv/bin/python -m bench.profile --variant ready-ini --case lock-ready
+    .venv/bin/python -m bench.profile --variant stock --case warm --project heavy
 
 Each run is one forked worker (as in the benchmark) profiled from its start signal to
 its end; the statistics of all runs are merged and the top functions printed. The
 lock-ready case's variants (setup, ready-ini, ready-dir, ready-fn) run on a database
-migrated to head first.
+migrated to head first. ``--project heavy`` profiles on the benchmark's 150-revision
+chain whose revision files import an application (``projects.heavy_chain_project``)
+instead of the 8-revision demo chain.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--variant", choices=sorted(BY_NAME), default="ours")
     parser.add_argument("--case", choices=["cold", "warm", "lock-ready"], default="cold")
+    parser.add_argument("--project", choices=["demo", "heavy"], default="demo",
+                        help="the 8-revision demo chain, or the 150-revision chain whose "
+                             "files import an application")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--sort", default="cumulative", help="pstats sort key")
@@ -53,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     enable_bytecode()
     tmp = Path(tempfile.mkdtemp(prefix="alembic-sqlite-lock-profile-"))
     try:
-        project = projects.demo_project(tmp / "project", stock=variant.stock_env)
+        if args.project == "heavy":
+            project = projects.heavy_chain_project(tmp / "project", stock=variant.stock_env)
+        else:
+            project = projects.demo_project(tmp / "project", stock=variant.stock_env)
         stats_dir = tmp / "stats"
         stats_dir.mkdir()
         log = tmp / "workers.log"
@@ -69,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(rnd.outcomes[0].error, file=sys.stderr)
                 return 1
         stats = pstats.Stats(*(str(p) for p in sorted(stats_dir.glob("*.prof"))))
-        print(f"{variant.label}, {args.case} start, {args.runs} runs merged "
+        print(f"{variant.label}, {args.case} start on the {args.project} chain, "
+              f"{args.runs} runs merged "
               "(times are totals over all runs)")
         stats.strip_dirs().sort_stats(args.sort).print_stats(args.top)
     finally:

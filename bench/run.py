@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from scripts.workers import REPO
@@ -20,7 +20,10 @@ from .stats import Results
 from .variants import ALL, FILELOCK, OURS, STOCK
 
 RESULTS = REPO / "bench" / "results"
-SECTIONS = ("start", "lock-ready", "cli", "chain", "handoff")
+LONG_REPEATS = 10
+"""At most this many repeats for the long and mlflow sections unless --long-repeats."""
+SECTIONS = ("start", "lock-ready", "cli", "chain", "long", "handoff", "mlflow")
+"""In the order they run: ``mlflow`` last, as it imports MLflow into this process."""
 
 
 def _ints(text: str) -> list[int]:
@@ -30,7 +33,7 @@ def _ints(text: str) -> list[int]:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true",
-                        help="5 repeats instead of 20: about 1.5 minutes instead of 5 "
+                        help="5 repeats instead of 20: about 2.5 minutes instead of 7 "
                              "on an idle 2-core machine")
     parser.add_argument("--repeats", type=int, help="repeats per case (overrides --quick)")
     parser.add_argument("--ns", type=_ints, default=[1, 4, 10, 32, 64],
@@ -43,6 +46,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--chain", type=_ints, default=[20, 80],
                         help="long-chain lengths; the per-revision cost is the slope between "
                              "the first and the last (default 20,80)")
+    parser.add_argument("--long-ns", type=_ints, default=[1, 32],
+                        help="N for the long chains whose revision files import an "
+                             "application (long: 150 generated revisions, warm and cold; "
+                             "mlflow: MLflow's chain, warm) (default 1,32)")
+    parser.add_argument("--long-repeats", type=int, metavar="REPEATS",
+                        help="repeats for the long and mlflow sections (default: "
+                             f"--repeats, at most {LONG_REPEATS}: their stock rounds at "
+                             "N=32 take seconds each)")
     parser.add_argument("--only", type=lambda s: s.split(","), default=list(SECTIONS),
                         help=f"sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where results go")
@@ -55,6 +66,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 5 if args.quick else 20
+    if args.long_repeats is None:
+        args.long_repeats = min(args.repeats, LONG_REPEATS)
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
@@ -75,25 +88,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = Results()
     bench = cases.Bench(tmp=tmp, repeats=args.repeats, results=results, say=say)
     started = time.monotonic()
+    sections: dict[str, Callable[[], None]] = {
+        "start": lambda: cases.cold_and_warm(bench, ALL, args.ns, {
+            STOCK.name: sorted(set(args.ns) | set(args.warm_ns)),
+            FILELOCK.name: args.warm_ns, OURS.name: args.warm_ns}),
+        "lock-ready": lambda: cases.lock_ready(bench, args.ready_ns),
+        "cli": lambda: cases.command_line(bench),
+        "chain": lambda: cases.long_chain(bench, args.chain),
+        "long": lambda: cases.heavy_chain(bench, args.long_ns, repeats=args.long_repeats),
+        "handoff": lambda: handoff.measure(bench),
+        "mlflow": lambda: cases.mlflow_chain(bench, args.long_ns, repeats=args.long_repeats),
+    }
+    titles = {
+        "start": f"cold start N={args.ns}, warm start N={args.warm_ns}, "
+                 f"{args.repeats} repeats",
+        "lock-ready": f"framework set-up in migration_lock(ready=) at head, N={args.ready_ns}",
+        "cli": "command line",
+        "chain": f"long chain {args.chain}",
+        "long": f"{cases.LONG_LENGTH}-revision chain importing an application, "
+                f"N={args.long_ns}, {args.long_repeats} repeats",
+        "handoff": "hand-off",
+        "mlflow": f"MLflow's chain, warm, N={args.long_ns}, {args.long_repeats} repeats",
+    }
+    took: dict[str, float] = {}
     try:
-        if "start" in args.only:
-            say(f"cold start N={args.ns}, warm start N={args.warm_ns}, "
-                f"{args.repeats} repeats")
-            warm = {STOCK.name: sorted(set(args.ns) | set(args.warm_ns)),
-                    FILELOCK.name: args.warm_ns, OURS.name: args.warm_ns}
-            cases.cold_and_warm(bench, ALL, args.ns, warm)
-        if "lock-ready" in args.only:
-            say(f"framework set-up in migration_lock(ready=) at head, N={args.ready_ns}")
-            cases.lock_ready(bench, args.ready_ns)
-        if "cli" in args.only:
-            say("command line")
-            cases.command_line(bench)
-        if "chain" in args.only:
-            say(f"long chain {args.chain}")
-            cases.long_chain(bench, args.chain)
-        if "handoff" in args.only:
-            say("hand-off")
-            handoff.measure(bench)
+        for name in SECTIONS:
+            if name in args.only:
+                say(titles[name])
+                section_started = time.monotonic()
+                sections[name]()
+                took[name] = time.monotonic() - section_started
+                say(f"  {name}: {took[name]:.0f} s")
     finally:
         if args.keep:
             say(f"projects and the worker log kept in {tmp}")
@@ -101,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.monotonic() - started
     machine.append(("Load average at the end", " ".join(f"{x:.2f}" for x in os.getloadavg())))
-    text = render(machine, results, args, elapsed)
+    text = render(machine, results, args, elapsed, took)
     print(text)
     write(args.out, text, results, machine, publish=args.publish)
     return 0
@@ -128,10 +153,14 @@ def wait_until_idle(limit_s: float) -> None:
 
 
 def render(machine: list[tuple[str, str]], results: Results, args: argparse.Namespace,
-           elapsed_s: float) -> str:
+           elapsed_s: float, took: dict[str, float]) -> str:
+    long_repeats = ("" if args.long_repeats == args.repeats or not
+                    {"long", "mlflow"} & set(took) else
+                    f" ({args.long_repeats} for the long and MLflow chains)")
+    sections = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in took.items())
     parts = ["## Machine", "", *(f"- {key}: {value}" for key, value in machine), "",
-             f"{args.repeats} repeats{' (--quick)' if args.quick else ''}; "
-             f"the whole run took {elapsed_s:.0f} s.", "", "## Results", "",
+             f"{args.repeats} repeats{long_repeats}{' (--quick)' if args.quick else ''}; "
+             f"the whole run took {elapsed_s:.0f} s ({sections}).", "", "## Results", "",
              report.LEGEND, "", report.markdown_table(results), ""]
     slopes = report.per_revision(results)
     if slopes:

@@ -13,6 +13,12 @@ without any lock, ``setup``, with the same set-up inside ``migration_lock(url, r
 ``ready=`` being the project's alembic.ini (``ready-ini``), its script folder
 (``ready-dir``) or a cheap function (``ready-fn``: one ``sqlite3`` SELECT of the version).
 
+The command-line case (``cli-cold``, ``cli-warm``: one new process, timed from its start)
+runs each variant's console script (``script``) instead: ``stock``, Alembic's ``alembic``
+with Alembic's env.py; ``ours-cli``, this library's ``alembic-sqlite-lock``; ``ours-env``,
+Alembic's ``alembic`` with the repository's env.py (the library entered through env.py).
+Their ``call`` is what the script amounts to in a forked worker.
+
 Everything a worker needs is imported here, in the driver, before it forks.
 """
 
@@ -65,6 +71,8 @@ class Variant:
     call: Callable[[Path, str], None]
     ready_for: Callable[[Path], Ready] | None = None
     """For the ``lock-ready`` case: the ``ready=`` it passes, for a project's alembic.ini."""
+    script: str | None = None
+    """For the command-line case: the console script (in the venv's bin) it runs."""
 
     def work(self, ini: Path, revision: str = "head") -> Work:
         return partial(self.call, ini, revision)
@@ -128,7 +136,8 @@ def _in_migration_lock(ready_for: Callable[[Path], Ready]) -> Callable[[Path, st
     return call
 
 
-STOCK = Variant("stock", "stock Alembic (no lock)", stock_env=True, call=_stock)
+STOCK = Variant("stock", "stock Alembic (no lock)", stock_env=True, call=_stock,
+                script="alembic")
 FILELOCK = Variant("filelock", "FileLock + command.upgrade", stock_env=True, call=_filelock)
 OURS = Variant("ours", "alembic_sqlite_lock.upgrade", stock_env=False, call=_ours)
 ALL = (STOCK, FILELOCK, OURS)
@@ -143,4 +152,11 @@ READY_FN = Variant("ready-fn", "migration_lock(ready=function)", stock_env=False
 READY = (SETUP, READY_INI, READY_DIR, READY_FN)
 """The ``lock-ready`` case's variants; ``setup`` is their floor."""
 
-BY_NAME = {variant.name: variant for variant in (*ALL, *READY)}
+CLI_ENV = Variant("ours-env", "alembic CLI, our env.py", stock_env=False, call=_stock,
+                  script="alembic")
+CLI_OURS = Variant("ours-cli", "alembic-sqlite-lock CLI, our env.py", stock_env=False,
+                   call=_ours, script="alembic-sqlite-lock")
+CLI = (STOCK, CLI_ENV, CLI_OURS)
+"""The command-line case's variants: ``upgrade head`` through each console script."""
+
+BY_NAME = {variant.name: variant for variant in (*ALL, *READY, CLI_ENV, CLI_OURS)}

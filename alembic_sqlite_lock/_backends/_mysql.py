@@ -64,6 +64,27 @@ def migration_url(url: str | URL) -> URL:
     return route(url).url
 
 
+def get_lock(connection: Connection, name: str, url: str, timeout_s: float) -> int:
+    """``GET_LOCK(name)`` on ``connection``; its connection id once held. Raises
+    LockNotTaken (NULL: the server could not take it) or LockBusy (timed out), and then
+    the lock is not held."""
+    got, holder_id = connection.execute(
+        # A negative timeout would mean "forever"; fractions work on MariaDB and are
+        # rounded by MySQL.
+        text("SELECT GET_LOCK(:name, :timeout), CONNECTION_ID()"),
+        {"name": name, "timeout": max(0.0, round(timeout_s, 3))},
+    ).one()
+    if got is None:
+        msg = (
+            f"GET_LOCK('{name}') on {url} returned NULL: the server failed to take the "
+            "lock (out of memory, or the connection was killed while waiting)."
+        )
+        raise LockNotTaken(msg, url=url, lock_name=name)
+    if int(got) != 1:
+        raise LockBusy(f"GET_LOCK('{name}') timed out")
+    return int(holder_id)
+
+
 def create_engine(section: Mapping[str, str]) -> Engine:
     return server_engine(section, route(section["sqlalchemy.url"]), "mysql")
 
@@ -146,27 +167,12 @@ class MySQLBackend(DrivenServer):
         """GET_LOCK on a new connection of its own: that connection and its id."""
         # AUTOCOMMIT: the lock connection never holds a transaction open.
         lock_connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        got = None
         try:
-            got, holder_id = lock_connection.execute(
-                # A negative timeout would mean "forever"; fractions work on MariaDB
-                # and are rounded by MySQL.
-                text("SELECT GET_LOCK(:name, :timeout), CONNECTION_ID()"),
-                {"name": self.name, "timeout": max(0.0, round(timeout_s, 3))},
-            ).one()
-            if got is None:
-                msg = (
-                    f"GET_LOCK('{self.name}') on {self.url} returned NULL: the server "
-                    "failed to take the lock (out of memory, or the connection was killed "
-                    "while waiting)."
-                )
-                raise LockNotTaken(msg, url=self.url, lock_name=self.name)
-            if int(got) != 1:
-                raise LockBusy(f"GET_LOCK('{self.name}') timed out")
+            holder_id = get_lock(lock_connection, self.name, self.url, timeout_s)
         except BaseException:
-            self._let_go(lock_connection, held=got is not None and int(got) == 1)
+            self._let_go(lock_connection, held=False)  # get_lock raises only unheld
             raise
-        return lock_connection, int(holder_id)
+        return lock_connection, holder_id
 
     # migration_lock(): the same name, on a connection of its own ----------------------
     def _hold(self, timeout_s: float) -> Held:
@@ -318,24 +324,12 @@ class MySQLHandedIn(MySQLBackend):
             self._held[id(connection)] = (None, wrapper[0] if wrapper else 0)
         else:
             try:
-                got, holder_id = connection.execute(
-                    text("SELECT GET_LOCK(:name, :timeout), CONNECTION_ID()"),
-                    {"name": self.name, "timeout": max(0.0, round(timeout_s, 3))},
-                ).one()
-                if got is None:
-                    msg = (
-                        f"GET_LOCK('{self.name}') on {self.url} returned NULL: the server "
-                        "failed to take the lock (out of memory, or the connection was "
-                        "killed while waiting)."
-                    )
-                    raise LockNotTaken(msg, url=self.url, lock_name=self.name)
-                if int(got) != 1:
-                    raise LockBusy(f"GET_LOCK('{self.name}') timed out")
+                holder_id = get_lock(connection, self.name, self.url, timeout_s)
             except BaseException:
                 if not self.callers:
                     connection.rollback()
                 raise
-            self._held[id(connection)] = (connection, int(holder_id))
+            self._held[id(connection)] = (connection, holder_id)
         self._running = True
         self.commit(connection)  # a new snapshot: the version as the last holder left it
         return connection

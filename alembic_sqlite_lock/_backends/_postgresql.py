@@ -88,11 +88,19 @@ def migration_url(url: str | URL) -> URL:
 
 def create_engine(section: Mapping[str, str], extra: str) -> Engine:
     chosen: Route = route(section["sqlalchemy.url"])
+    options: dict[str, object] = {}
+    if chosen.url.get_driver_name() in ("psycopg", "psycopg_async"):
+        # psycopg 3 prepares a statement it runs 5 times on a connection (_pg3_0...).
+        # Behind a transaction pooler (PgBouncer < 1.21) the prepared statement stays on
+        # the pooled server session, and the next run that prepares one under that name
+        # there fails (DuplicatePreparedStatement). A migration gains nothing from it.
+        options["connect_args"] = {"prepare_threshold": None}
     return server_engine(
         section, chosen, extra,
         # The version is read after the lock is taken; under REPEATABLE READ the
         # snapshot could predate the previous holder's commit.
         isolation_level="READ COMMITTED",
+        **options,
     )
 
 

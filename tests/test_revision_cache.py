@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Project, Unprivileged, make_project, upgrade_in_processes
 
+import alembic
 import alembic_sqlite_lock
 from alembic_sqlite_lock import MultipleHeadsError, UnknownDatabaseRevision, migration_lock
 from alembic_sqlite_lock._revcache import DEFAULT_NAME, Known, answer
@@ -149,6 +150,10 @@ def test_a_new_branch_label_changes_the_key(marked: tuple[Project, Path]) -> Non
     assert imports(marker) == 8
 
 
+def _alembic_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in alembic.__version__.split(".")[:2])
+
+
 def _set_option(project: Project, line: str) -> None:
     text = project.ini.read_text()
     project.ini.write_text(text.replace("[alembic]\n", f"[alembic]\n{line}\n", 1))
@@ -163,7 +168,9 @@ def test_another_version_location_is_loaded(marked: tuple[Project, Path], tmp_pa
         "depends_on = None\n\n\ndef upgrade():\n    from alembic import op\n"
         "    import sqlalchemy as sa\n    op.create_table('t9', sa.Column('id', sa.Integer))\n"
         "\n\ndef downgrade():\n    pass\n")
-    _set_option(project, f"version_locations = {project.versions}{os.pathsep}{more}")
+    # path_separator = os (alembic.ini) is Alembic 1.16's; before, a space separates.
+    separator = os.pathsep if _alembic_version() >= (1, 16) else " "
+    _set_option(project, f"version_locations = {project.versions}{separator}{more}")
     assert alembic_sqlite_lock.upgrade(project.ini) == ["0009"]
     assert imports(marker) == 8
 
